@@ -1,0 +1,41 @@
+"""aligner-chain: an Aligner correction step after any LLM call in LangChain and LangGraph."""
+
+from aligner_chain.classifiers import HarmClassifier
+from aligner_chain.correctors import Corrector, TransformersCorrector
+from aligner_chain.errors import (
+    AlignerError,
+    BackpressureError,
+    ClassifierError,
+    ConfigurationError,
+    CorrectorError,
+    InputError,
+    ModelLoadError,
+    RefusedError,
+)
+from aligner_chain.record import DecisionRecord, Route
+from aligner_chain.routing import Bands, RoutingPolicy
+from aligner_chain.templates import PRESETS, PromptTemplate
+from aligner_chain.types import Correction, QAPair, Verdict
+
+__all__ = [
+    "PRESETS",
+    "AlignerError",
+    "BackpressureError",
+    "Bands",
+    "ClassifierError",
+    "ConfigurationError",
+    "Correction",
+    "Corrector",
+    "CorrectorError",
+    "DecisionRecord",
+    "HarmClassifier",
+    "InputError",
+    "ModelLoadError",
+    "PromptTemplate",
+    "QAPair",
+    "RefusedError",
+    "Route",
+    "RoutingPolicy",
+    "TransformersCorrector",
+    "Verdict",
+]

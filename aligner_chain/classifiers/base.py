@@ -1,0 +1,35 @@
+"""The harm-classifier interface: (question, answer) pairs in, verdicts out."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+from langchain_core.runnables.config import run_in_executor
+
+from aligner_chain.components import PairBatchRunnable
+from aligner_chain.types import QAPair, Verdict
+
+
+class HarmClassifier(PairBatchRunnable[Verdict]):
+    """Scores how likely an answer is harmful *given its question*.
+
+    A refusal to a harmful question is not harmful; compliance with it is. Subclasses implement
+    :meth:`classify` (and may override :meth:`aclassify` with a native async path).
+    """
+
+    classifier_id: str = "classifier"
+
+    @abstractmethod
+    def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        """Score a batch of pairs; returns one :class:`Verdict` per pair, in order."""
+
+    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        """Async variant; the default runs :meth:`classify` in a worker thread."""
+        return await run_in_executor(None, self.classify, pairs)
+
+    def _run_batch(self, pairs: list[QAPair]) -> list[Verdict]:
+        return self.classify(pairs)
+
+    async def _arun_batch(self, pairs: list[QAPair]) -> list[Verdict]:
+        return await self.aclassify(pairs)

@@ -1,0 +1,363 @@
+"""A corrector backed by any Hugging Face causal LM (the released Aligner, or one you trained)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from aligner_chain.correctors.base import Corrector
+from aligner_chain.errors import ConfigurationError, CorrectorError, InputError
+from aligner_chain.loading import (
+    DeviceSpec,
+    DtypeSpec,
+    LoadKey,
+    check_model_source,
+    load_once,
+    resolve_device,
+    resolve_dtype,
+)
+from aligner_chain.templates import PromptTemplate
+from aligner_chain.types import Correction, QAPair
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationSettings(BaseModel):
+    """Decoding settings. ``greedy`` is the default; ``paper`` is the sampling preset of the
+    Aligner paper's evaluations (Table 9: T=0.3, top-p 0.95, top-k 10; its vLLM frequency penalty
+    1.2 has no exact transformers equivalent, so the multiplicative repetition penalty stands in).
+
+    ``max_new_tokens`` is derived per answer: ``ceil(answer_tokens * ratio) + margin``, capped
+    at ``max_new_tokens_cap``, so that long answers are not cut.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    new_tokens_ratio: float = Field(default=1.25, gt=0)
+    new_tokens_margin: int = Field(default=64, ge=1)
+    max_new_tokens_cap: int = Field(default=2048, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def preset(cls, name: Literal["greedy", "paper"]) -> GenerationSettings:
+        if name == "greedy":
+            return cls()
+        if name == "paper":
+            return cls(do_sample=True, temperature=0.3, top_p=0.95, top_k=10, repetition_penalty=1.2)
+        raise ConfigurationError(f"unknown generation preset {name!r} (greedy, paper)")
+
+    def budget(self, answer_tokens: int) -> int:
+        return min(
+            self.max_new_tokens_cap,
+            math.ceil(answer_tokens * self.new_tokens_ratio) + self.new_tokens_margin,
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
+        if self.do_sample:
+            for name in ("temperature", "top_p", "top_k"):
+                if getattr(self, name) is not None:
+                    kwargs[name] = getattr(self, name)
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return {**kwargs, **self.extra}
+
+
+@dataclass
+class LoadedCausalLM:
+    """A model and tokenizer shared by every corrector built on the same weights."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    context: int
+    # Fast tokenizers mutate their Rust backend when padding/truncation settings change, which
+    # fails under concurrent calls ("Already borrowed"): tokenization is serialised.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_causal_lm(
+    model: str,
+    *,
+    device: DeviceSpec = "auto",
+    dtype: DtypeSpec = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedCausalLM:
+    """Load (once per process) a causal LM and its tokenizer from a local folder or hub id."""
+    source = check_model_source(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = LoadKey(
+        "causal-lm",
+        source,
+        str(device_map or dev),
+        str(torch_dtype),
+        (("trust_remote_code", str(trust_remote_code)),),
+    )
+
+    def loader() -> LoadedCausalLM:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if device_map is None:
+            lm.to(dev)
+        lm.eval()
+        context = getattr(lm.config, "max_position_embeddings", None) or 0
+        limit = getattr(tokenizer, "model_max_length", 0) or 0
+        if 0 < limit < 1_000_000:
+            context = min(context, limit) if context else limit
+        return LoadedCausalLM(lm, tokenizer, lm.device, context or 2048)
+
+    return load_once(key, loader)
+
+
+@dataclass
+class _Prepared:
+    prompt: str
+    max_new_tokens: int
+    truncated: bool
+
+
+class TransformersCorrector(Corrector):
+    """Corrects answers with a local causal LM through ``transformers``.
+
+    Args:
+        model: a local model folder or a hub id (e.g. ``aligner/aligner-7b-v1.0``).
+        template: a preset name (``aligner-7b-v1.0`` by default, ``aligner-correction``,
+            ``aligner-revision``, ``aligner-rag``) or a format string with ``{question}`` and
+            ``{answer}``.
+        generation: ``"greedy"`` (default), ``"paper"``, or :class:`GenerationSettings`.
+        device: ``auto`` (CUDA, then MPS, then CPU), or a torch device string.
+        dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere) or a torch dtype name.
+        device_map: passed to ``from_pretrained`` to spread a large model over several GPUs.
+        trust_remote_code: off unless you opt in.
+        max_context_tokens: overrides the model's context length for truncation.
+
+    The prompt is tokenized with special tokens *split*, so an answer that contains ``</s>`` or
+    another special token's text cannot end the prompt early. The correction is the generated
+    tokens after the prompt, decoded without special tokens; it never depends on splitting text.
+
+    Input that does not fit the context is truncated: the question loses tokens from its start
+    first (down to 32 tokens), then the answer loses tokens from its start, keeping its end. The
+    correction then has ``truncated=True`` and a warning is logged.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        template: str | PromptTemplate | None = None,
+        generation: Literal["greedy", "paper"] | GenerationSettings = "greedy",
+        device: DeviceSpec = "auto",
+        dtype: DtypeSpec = "auto",
+        device_map: str | dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        max_context_tokens: int | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        self.template = PromptTemplate.resolve(template)
+        self.generation = (
+            generation
+            if isinstance(generation, GenerationSettings)
+            else GenerationSettings.preset(generation)
+        )
+        self.loaded = load_causal_lm(
+            model,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+        self.context = max_context_tokens or self.loaded.context
+        self.model_id = model_id or model
+        tok = self.loaded.tokenizer
+        self._eos_ids = _eos_ids(self.loaded.model, tok)
+        self._overhead = len(self._encode(self.template.format("", "")))
+
+    # -- prompt building ---------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        with self.loaded.lock:
+            return self.loaded.tokenizer(text, split_special_tokens=True)["input_ids"]
+
+    def _keep_end(self, text: str, keep: int) -> str:
+        """The suffix of ``text`` made of its last ``keep`` tokens."""
+        if keep <= 0:
+            return ""
+        with self.loaded.lock:
+            enc = self.loaded.tokenizer(
+                text,
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+        offsets = enc["offset_mapping"]
+        if keep >= len(offsets):
+            return text
+        return text[offsets[len(offsets) - keep][0] :]
+
+    def _prepare(self, pair: QAPair) -> _Prepared:
+        if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
+            raise InputError("question and answer must be strings")
+        question, answer = pair.question, pair.answer
+        n_q = len(self._encode(question)) if question else 0
+        n_a = len(self._encode(answer)) if answer else 0
+        gen = self.generation
+
+        def total(q: int, a: int) -> int:
+            return self._overhead + q + a + gen.budget(a)
+
+        truncated = False
+        if total(n_q, n_a) > self.context:
+            truncated = True
+            q_keep = max(min(n_q, 32), n_q - (total(n_q, n_a) - self.context))
+            a_keep = n_a
+            if total(q_keep, a_keep) > self.context:
+                lo, hi = 0, n_a  # largest a_keep that fits
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if total(q_keep, mid) <= self.context else (lo, mid - 1)
+                a_keep = lo
+            if a_keep < 1:
+                raise InputError(
+                    f"the model's context ({self.context} tokens) cannot hold this input"
+                )
+            question, answer = self._keep_end(question, q_keep), self._keep_end(answer, a_keep)
+            n_a = a_keep
+            logger.warning(
+                "input truncated to fit %d tokens: question %d->%d, answer kept its last %d",
+                self.context,
+                n_q,
+                q_keep,
+                a_keep,
+            )
+        prompt = self.template.format(question, answer, pair.context)
+        budget = gen.budget(n_a)
+        # Joint tokenization can differ from the parts by a few tokens: never exceed the context.
+        budget = max(1, min(budget, self.context - len(self._encode(prompt))))
+        return _Prepared(prompt, budget, truncated)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _tokenize_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with self.loaded.lock:
+            enc = self.loaded.tokenizer(
+                prompts,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                split_special_tokens=True,
+            )
+        return {k: v.to(self.loaded.device) for k, v in enc.items() if k != "token_type_ids"}
+
+    def _generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
+        tok = self.loaded.tokenizer
+        return {
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": sorted(self._eos_ids),
+            **self.generation.generate_kwargs(),
+        }
+
+    def _finish(self, tokens: list[int], prepared: _Prepared) -> Correction:
+        cut = tokens[: prepared.max_new_tokens]
+        stop = next((i for i, t in enumerate(cut) if t in self._eos_ids), None)
+        finish = "stop" if stop is not None else "length"
+        if stop is not None:
+            cut = cut[:stop]
+        with self.loaded.lock:
+            text = self.loaded.tokenizer.decode(cut, skip_special_tokens=True).strip()
+        return Correction(
+            text=text,
+            model_id=self.model_id,
+            truncated=prepared.truncated,
+            empty=not text,
+            info={"finish_reason": finish, "new_tokens": len(cut)},
+        )
+
+    def correct(self, pairs: Sequence[QAPair]) -> list[Correction]:
+        if not pairs:
+            return []
+        prepared = [self._prepare(p) for p in pairs]
+        inputs = self._tokenize_batch([p.prompt for p in prepared])
+        try:
+            with torch.inference_mode():
+                output = self.loaded.model.generate(
+                    **inputs, **self._generate_kwargs(max(p.max_new_tokens for p in prepared))
+                )
+        except (RuntimeError, ValueError) as exc:
+            raise CorrectorError(f"{self.model_id}: generation failed: {exc}") from exc
+        start = inputs["input_ids"].shape[1]
+        return [self._finish(row[start:].tolist(), p) for row, p in zip(output, prepared)]
+
+    def stream_correction(self, pair: QAPair) -> Iterator[str | Correction]:
+        prepared = self._prepare(pair)
+        inputs = self._tokenize_batch([prepared.prompt])
+        streamer = TextIteratorStreamer(
+            self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    box["out"] = self.loaded.model.generate(
+                        **inputs, streamer=streamer, **self._generate_kwargs(prepared.max_new_tokens)
+                    )
+            except Exception as exc:  # surfaced to the caller below
+                box["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="aligner-generate", daemon=True)
+        worker.start()
+        yield from _trim_stream(streamer)
+        worker.join()
+        if "error" in box:
+            raise CorrectorError(f"{self.model_id}: generation failed: {box['error']}") from box[
+                "error"
+            ]
+        start = inputs["input_ids"].shape[1]
+        yield self._finish(box["out"][0][start:].tolist(), prepared)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def _trim_stream(deltas: Iterator[str]) -> Iterator[str]:
+    """Yield deltas with leading and trailing whitespace removed from the whole text, so the
+    concatenation equals the stripped text that :meth:`TransformersCorrector.correct` returns."""
+    started, pending = False, ""
+    for delta in deltas:
+        if not started:
+            delta = delta.lstrip()
+            if not delta:
+                continue
+            started = True
+        text = pending + delta
+        body = text.rstrip()
+        pending = text[len(body) :]
+        if body:
+            yield body
