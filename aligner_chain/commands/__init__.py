@@ -1,0 +1,8 @@
+"""Subcommands of the ``aligner-chain`` console script.
+
+Each module here defines ``register(subparsers)``, which adds one subcommand whose parsed
+arguments carry ``func(args) -> int`` (the process exit code).
+"""
+
+COMMANDS = ["correct"]
+"""Module names (in this package) whose ``register`` is called, in ``--help`` order."""
