@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,3 +99,64 @@ def clear_cache() -> None:
     with _GUARD:
         _CACHE.clear()
         _LOCKS.clear()
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer shared by every component built on the same weights."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    context: int
+    # Fast tokenizers mutate their Rust backend when padding/truncation settings change, which
+    # fails under concurrent calls ("Already borrowed"): tokenization is serialised.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_pretrained(
+    auto_class: Any,
+    model: str,
+    *,
+    device: DeviceSpec = "auto",
+    dtype: DtypeSpec = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load (once per process) a model through a transformers Auto class, with its tokenizer.
+
+    The tokenizer gets a pad token when it has none (EOS, else UNK), so batches can be padded.
+    """
+    from transformers import AutoTokenizer
+
+    source = check_model_source(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = LoadKey(
+        auto_class.__name__,
+        source,
+        str(device_map or dev),
+        str(torch_dtype),
+        (("trust_remote_code", str(trust_remote_code)),),
+    )
+
+    def loader() -> LoadedModel:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        loaded = auto_class.from_pretrained(source, **kwargs)
+        if device_map is None:
+            loaded.to(dev)
+        loaded.eval()
+        if getattr(loaded.config, "pad_token_id", None) is None:
+            loaded.config.pad_token_id = tokenizer.pad_token_id
+        context = getattr(loaded.config, "max_position_embeddings", None) or 0
+        limit = getattr(tokenizer, "model_max_length", 0) or 0
+        if 0 < limit < 1_000_000:
+            context = min(context, limit) if context else limit
+        return LoadedModel(loaded, tokenizer, loaded.device, context or 2048)
+
+    return load_once(key, loader)

@@ -24,7 +24,9 @@ PRESETS: Final[dict[str, str]] = {
     + "{question} | {answer}"
     + _END,
     # PKU-Alignment/aligner HEAD: the "general correction" instruction (PROMPT_USER adds a space).
-    "aligner-correction": _BEGIN + "##Question: {question}\n##Answer: {answer}\n##Correction: " + _END,
+    "aligner-correction": _BEGIN
+    + "##Question: {question}\n##Answer: {answer}\n##Correction: "
+    + _END,
     # The Aligner-2B replication submitted to AlpacaEval 2.0.
     "aligner-revision": _BEGIN + "##Question: {question} ##Answer: {answer} ##Revision: " + _END,
     # Grounded correction for RAG: the corrector sees the retrieved context and is told not to

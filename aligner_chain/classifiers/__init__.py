@@ -1,5 +1,16 @@
 """Harm classifiers: score how likely an answer is harmful given its question."""
 
 from aligner_chain.classifiers.base import HarmClassifier
+from aligner_chain.classifiers.guard import LLAMA_GUARD_3_CATEGORIES, GuardModelClassifier
+from aligner_chain.classifiers.runnable import RunnableClassifier, parse_judgement
+from aligner_chain.classifiers.sequence import BEAVER_DAM_CATEGORIES, SequenceClassifier
 
-__all__ = ["HarmClassifier"]
+__all__ = [
+    "BEAVER_DAM_CATEGORIES",
+    "LLAMA_GUARD_3_CATEGORIES",
+    "GuardModelClassifier",
+    "HarmClassifier",
+    "RunnableClassifier",
+    "SequenceClassifier",
+    "parse_judgement",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
+
 from langchain_core.runnables.config import run_in_executor
 
 from aligner_chain.components import PairBatchRunnable

@@ -6,24 +6,16 @@ import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.errors import ConfigurationError, CorrectorError, InputError
-from aligner_chain.loading import (
-    DeviceSpec,
-    DtypeSpec,
-    LoadKey,
-    check_model_source,
-    load_once,
-    resolve_device,
-    resolve_dtype,
-)
+from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
 from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
 
@@ -56,7 +48,9 @@ class GenerationSettings(BaseModel):
         if name == "greedy":
             return cls()
         if name == "paper":
-            return cls(do_sample=True, temperature=0.3, top_p=0.95, top_k=10, repetition_penalty=1.2)
+            return cls(
+                do_sample=True, temperature=0.3, top_p=0.95, top_k=10, repetition_penalty=1.2
+            )
         raise ConfigurationError(f"unknown generation preset {name!r} (greedy, paper)")
 
     def budget(self, answer_tokens: int) -> int:
@@ -76,57 +70,9 @@ class GenerationSettings(BaseModel):
         return {**kwargs, **self.extra}
 
 
-@dataclass
-class LoadedCausalLM:
-    """A model and tokenizer shared by every corrector built on the same weights."""
-
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    context: int
-    # Fast tokenizers mutate their Rust backend when padding/truncation settings change, which
-    # fails under concurrent calls ("Already borrowed"): tokenization is serialised.
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def load_causal_lm(
-    model: str,
-    *,
-    device: DeviceSpec = "auto",
-    dtype: DtypeSpec = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    trust_remote_code: bool = False,
-) -> LoadedCausalLM:
+def load_causal_lm(model: str, **kwargs: Any) -> LoadedModel:
     """Load (once per process) a causal LM and its tokenizer from a local folder or hub id."""
-    source = check_model_source(model)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    key = LoadKey(
-        "causal-lm",
-        source,
-        str(device_map or dev),
-        str(torch_dtype),
-        (("trust_remote_code", str(trust_remote_code)),),
-    )
-
-    def loader() -> LoadedCausalLM:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if device_map is None:
-            lm.to(dev)
-        lm.eval()
-        context = getattr(lm.config, "max_position_embeddings", None) or 0
-        limit = getattr(tokenizer, "model_max_length", 0) or 0
-        if 0 < limit < 1_000_000:
-            context = min(context, limit) if context else limit
-        return LoadedCausalLM(lm, tokenizer, lm.device, context or 2048)
-
-    return load_once(key, loader)
+    return load_pretrained(AutoModelForCausalLM, model, **kwargs)
 
 
 @dataclass
@@ -320,7 +266,9 @@ class TransformersCorrector(Corrector):
             try:
                 with torch.inference_mode():
                     box["out"] = self.loaded.model.generate(
-                        **inputs, streamer=streamer, **self._generate_kwargs(prepared.max_new_tokens)
+                        **inputs,
+                        streamer=streamer,
+                        **self._generate_kwargs(prepared.max_new_tokens),
                     )
             except Exception as exc:  # surfaced to the caller below
                 box["error"] = exc
