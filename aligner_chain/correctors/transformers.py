@@ -6,15 +6,16 @@ import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
+from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
-from aligner_chain.errors import ConfigurationError, CorrectorError, InputError
+from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, trim_stream
+from aligner_chain.errors import ConfigurationError, CorrectorError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
 from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
@@ -75,14 +76,7 @@ def load_causal_lm(model: str, **kwargs: Any) -> LoadedModel:
     return load_pretrained(AutoModelForCausalLM, model, **kwargs)
 
 
-@dataclass
-class _Prepared:
-    prompt: str
-    max_new_tokens: int
-    truncated: bool
-
-
-class TransformersCorrector(Corrector):
+class TransformersCorrector(PromptPreparation, Corrector):
     """Corrects answers with a local causal LM through ``transformers``.
 
     Args:
@@ -96,6 +90,9 @@ class TransformersCorrector(Corrector):
         device_map: passed to ``from_pretrained`` to spread a large model over several GPUs.
         trust_remote_code: off unless you opt in.
         max_context_tokens: overrides the model's context length for truncation.
+        batching: coalesce concurrent ``correct``/``invoke``/``ainvoke`` calls into shared
+            ``generate`` calls (:class:`~aligner_chain.batching.BatchingConfig`); ``False``
+            generates each call on its own.
 
     The prompt is tokenized with special tokens *split*, so an answer that contains ``</s>`` or
     another special token's text cannot end the prompt early. The correction is the generated
@@ -118,6 +115,7 @@ class TransformersCorrector(Corrector):
         trust_remote_code: bool = False,
         max_context_tokens: int | None = None,
         model_id: str | None = None,
+        batching: BatchingConfig | bool = True,
     ) -> None:
         self.template = PromptTemplate.resolve(template)
         self.generation = (
@@ -137,69 +135,7 @@ class TransformersCorrector(Corrector):
         tok = self.loaded.tokenizer
         self._eos_ids = _eos_ids(self.loaded.model, tok)
         self._overhead = len(self._encode(self.template.format("", "")))
-
-    # -- prompt building ---------------------------------------------------------------------
-
-    def _encode(self, text: str) -> list[int]:
-        with self.loaded.lock:
-            return self.loaded.tokenizer(text, split_special_tokens=True)["input_ids"]
-
-    def _keep_end(self, text: str, keep: int) -> str:
-        """The suffix of ``text`` made of its last ``keep`` tokens."""
-        if keep <= 0:
-            return ""
-        with self.loaded.lock:
-            enc = self.loaded.tokenizer(
-                text,
-                add_special_tokens=False,
-                split_special_tokens=True,
-                return_offsets_mapping=True,
-            )
-        offsets = enc["offset_mapping"]
-        if keep >= len(offsets):
-            return text
-        return text[offsets[len(offsets) - keep][0] :]
-
-    def _prepare(self, pair: QAPair) -> _Prepared:
-        if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
-            raise InputError("question and answer must be strings")
-        question, answer = pair.question, pair.answer
-        n_q = len(self._encode(question)) if question else 0
-        n_a = len(self._encode(answer)) if answer else 0
-        gen = self.generation
-
-        def total(q: int, a: int) -> int:
-            return self._overhead + q + a + gen.budget(a)
-
-        truncated = False
-        if total(n_q, n_a) > self.context:
-            truncated = True
-            q_keep = max(min(n_q, 32), n_q - (total(n_q, n_a) - self.context))
-            a_keep = n_a
-            if total(q_keep, a_keep) > self.context:
-                lo, hi = 0, n_a  # largest a_keep that fits
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if total(q_keep, mid) <= self.context else (lo, mid - 1)
-                a_keep = lo
-            if a_keep < 1:
-                raise InputError(
-                    f"the model's context ({self.context} tokens) cannot hold this input"
-                )
-            question, answer = self._keep_end(question, q_keep), self._keep_end(answer, a_keep)
-            n_a = a_keep
-            logger.warning(
-                "input truncated to fit %d tokens: question %d->%d, answer kept its last %d",
-                self.context,
-                n_q,
-                q_keep,
-                a_keep,
-            )
-        prompt = self.template.format(question, answer, pair.context)
-        budget = gen.budget(n_a)
-        # Joint tokenization can differ from the parts by a few tokens: never exceed the context.
-        budget = max(1, min(budget, self.context - len(self._encode(prompt))))
-        return _Prepared(prompt, budget, truncated)
+        self.batcher = make_runner(self._correct_batch, batching)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -223,7 +159,7 @@ class TransformersCorrector(Corrector):
             **self.generation.generate_kwargs(),
         }
 
-    def _finish(self, tokens: list[int], prepared: _Prepared) -> Correction:
+    def _finish(self, tokens: list[int], prepared: PreparedPrompt) -> Correction:
         cut = tokens[: prepared.max_new_tokens]
         stop = next((i for i, t in enumerate(cut) if t in self._eos_ids), None)
         finish = "stop" if stop is not None else "length"
@@ -240,8 +176,12 @@ class TransformersCorrector(Corrector):
         )
 
     def correct(self, pairs: Sequence[QAPair]) -> list[Correction]:
-        if not pairs:
-            return []
+        return self.batcher(pairs)
+
+    async def acorrect(self, pairs: Sequence[QAPair]) -> list[Correction]:
+        return await self.batcher.acall(pairs)
+
+    def _correct_batch(self, pairs: list[QAPair]) -> list[Correction]:
         prepared = [self._prepare(p) for p in pairs]
         inputs = self._tokenize_batch([p.prompt for p in prepared])
         try:
@@ -276,7 +216,7 @@ class TransformersCorrector(Corrector):
 
         worker = threading.Thread(target=run, name="aligner-generate", daemon=True)
         worker.start()
-        yield from _trim_stream(streamer)
+        yield from trim_stream(streamer)
         worker.join()
         if "error" in box:
             raise CorrectorError(f"{self.model_id}: generation failed: {box['error']}") from box[
@@ -292,20 +232,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
-
-
-def _trim_stream(deltas: Iterator[str]) -> Iterator[str]:
-    """Yield deltas with leading and trailing whitespace removed from the whole text, so the
-    concatenation equals the stripped text that :meth:`TransformersCorrector.correct` returns."""
-    started, pending = False, ""
-    for delta in deltas:
-        if not started:
-            delta = delta.lstrip()
-            if not delta:
-                continue
-            started = True
-        text = pending + delta
-        body = text.rstrip()
-        pending = text[len(body) :]
-        if body:
-            yield body

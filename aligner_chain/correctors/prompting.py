@@ -1,0 +1,130 @@
+"""Aligner prompt preparation shared by the local and the remote correctors.
+
+Both must build the same prompt and truncate the same way, so that moving the Aligner from a
+local model to a server does not change its corrections.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aligner_chain.errors import InputError
+from aligner_chain.types import QAPair
+
+if TYPE_CHECKING:
+    from aligner_chain.correctors.transformers import GenerationSettings
+    from aligner_chain.templates import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerHolder(Protocol):
+    """What prompt preparation needs: a tokenizer and the lock that serialises its use."""
+
+    tokenizer: Any
+    lock: threading.Lock
+
+
+@dataclass
+class PreparedPrompt:
+    prompt: str
+    max_new_tokens: int
+    truncated: bool
+
+
+class PromptPreparation:
+    """Mixin: builds the Aligner prompt for a pair, truncating it to fit the context.
+
+    Expects ``loaded`` (a :class:`TokenizerHolder`), ``template``, ``generation``, ``context``
+    and ``_overhead`` (tokens of the empty template) on the instance.
+    """
+
+    loaded: TokenizerHolder
+    template: PromptTemplate
+    generation: GenerationSettings
+    context: int
+    _overhead: int
+
+    # -- prompt building ---------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        with self.loaded.lock:
+            return self.loaded.tokenizer(text, split_special_tokens=True)["input_ids"]
+
+    def _keep_end(self, text: str, keep: int) -> str:
+        """The suffix of ``text`` made of its last ``keep`` tokens."""
+        if keep <= 0:
+            return ""
+        with self.loaded.lock:
+            enc = self.loaded.tokenizer(
+                text,
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+        offsets = enc["offset_mapping"]
+        if keep >= len(offsets):
+            return text
+        return text[offsets[len(offsets) - keep][0] :]
+
+    def _prepare(self, pair: QAPair) -> PreparedPrompt:
+        if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
+            raise InputError("question and answer must be strings")
+        question, answer = pair.question, pair.answer
+        n_q = len(self._encode(question)) if question else 0
+        n_a = len(self._encode(answer)) if answer else 0
+        gen = self.generation
+
+        def total(q: int, a: int) -> int:
+            return self._overhead + q + a + gen.budget(a)
+
+        truncated = False
+        if total(n_q, n_a) > self.context:
+            truncated = True
+            q_keep = max(min(n_q, 32), n_q - (total(n_q, n_a) - self.context))
+            a_keep = n_a
+            if total(q_keep, a_keep) > self.context:
+                lo, hi = 0, n_a  # largest a_keep that fits
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if total(q_keep, mid) <= self.context else (lo, mid - 1)
+                a_keep = lo
+            if a_keep < 1:
+                raise InputError(
+                    f"the model's context ({self.context} tokens) cannot hold this input"
+                )
+            question, answer = self._keep_end(question, q_keep), self._keep_end(answer, a_keep)
+            n_a = a_keep
+            logger.warning(
+                "input truncated to fit %d tokens: question %d->%d, answer kept its last %d",
+                self.context,
+                n_q,
+                q_keep,
+                a_keep,
+            )
+        prompt = self.template.format(question, answer, pair.context)
+        budget = gen.budget(n_a)
+        # Joint tokenization can differ from the parts by a few tokens: never exceed the context.
+        budget = max(1, min(budget, self.context - len(self._encode(prompt))))
+        return PreparedPrompt(prompt, budget, truncated)
+
+
+def trim_stream(deltas: Iterator[str]) -> Iterator[str]:
+    """Yield deltas with leading and trailing whitespace removed from the whole text, so the
+    concatenation equals the stripped text that :meth:`TransformersCorrector.correct` returns."""
+    started, pending = False, ""
+    for delta in deltas:
+        if not started:
+            delta = delta.lstrip()
+            if not delta:
+                continue
+            started = True
+        text = pending + delta
+        body = text.rstrip()
+        pending = text[len(body) :]
+        if body:
+            yield body
