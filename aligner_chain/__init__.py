@@ -1,6 +1,11 @@
 """aligner-chain: an Aligner correction step after any LLM call in LangChain and LangGraph."""
 
-from aligner_chain.classifiers import HarmClassifier
+from aligner_chain.classifiers import (
+    GuardModelClassifier,
+    HarmClassifier,
+    RunnableClassifier,
+    SequenceClassifier,
+)
 from aligner_chain.correctors import Corrector, TransformersCorrector
 from aligner_chain.errors import (
     AlignerError,
@@ -14,12 +19,14 @@ from aligner_chain.errors import (
 )
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.routing import Bands, RoutingPolicy
+from aligner_chain.runnable import AlignerRunnable
 from aligner_chain.templates import PRESETS, PromptTemplate
 from aligner_chain.types import Correction, QAPair, Verdict
 
 __all__ = [
     "PRESETS",
     "AlignerError",
+    "AlignerRunnable",
     "BackpressureError",
     "Bands",
     "ClassifierError",
@@ -28,6 +35,7 @@ __all__ = [
     "Corrector",
     "CorrectorError",
     "DecisionRecord",
+    "GuardModelClassifier",
     "HarmClassifier",
     "InputError",
     "ModelLoadError",
@@ -36,6 +44,8 @@ __all__ = [
     "RefusedError",
     "Route",
     "RoutingPolicy",
+    "RunnableClassifier",
+    "SequenceClassifier",
     "TransformersCorrector",
     "Verdict",
 ]

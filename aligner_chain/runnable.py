@@ -12,8 +12,9 @@ from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackMa
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import patch_config
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
+from aligner_chain import defaults
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.errors import ConfigurationError, CorrectorError, RefusedError
@@ -66,8 +67,10 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
     ``aligner:classifier``, ``aligner:corrector`` and ``aligner:upstream``.
 
     Args:
-        classifier: judges (question, answer) pairs. Required unless ``policy.mode="always"``.
-        corrector: rewrites flagged answers.
+        classifier: judges (question, answer) pairs; default: the embedded classifier
+            (not needed when ``policy.mode="always"``).
+        corrector: rewrites flagged answers; default: the embedded mini Aligner (not needed
+            when ``policy.mode="shadow"``).
         policy: the :class:`~aligner_chain.RoutingPolicy`.
         upstream: the chat model (or message Runnable) to re-ask; without one a re-ask route
             becomes a correction, and the record says so.
@@ -86,13 +89,16 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    @model_validator(mode="after")
-    def _check_parts(self) -> AlignerRunnable:
-        if self.classifier is None and self.policy.mode != "always":
-            raise ConfigurationError(f"policy mode {self.policy.mode!r} needs a classifier")
-        if self.corrector is None and self.policy.mode != "shadow":
-            raise ConfigurationError(f"policy mode {self.policy.mode!r} needs a corrector")
-        return self
+    def __init__(self, **kwargs: Any) -> None:
+        # The shipped models stand in for parts not given; without them this is a typed error.
+        policy = kwargs.get("policy") or RoutingPolicy()
+        if not isinstance(policy, RoutingPolicy):
+            raise ConfigurationError("policy must be a RoutingPolicy")
+        if kwargs.get("classifier") is None and policy.mode != "always":
+            kwargs["classifier"] = defaults.default_classifier()
+        if kwargs.get("corrector") is None and policy.mode != "shadow":
+            kwargs["corrector"] = defaults.default_corrector()
+        super().__init__(**kwargs)
 
     # -- the pipeline (one copy of the logic; drivers run its effects sync or async) ----------
 
