@@ -1,0 +1,381 @@
+"""Residual-correction fine-tuning of a causal LM into an Aligner (Ji et al. 2024, §2).
+
+The recipe the paper describes and its released code implements:
+
+- The input is the same prompt template the corrector uses at inference, and the target is the
+  correction followed by EOS; the loss covers only the correction tokens (prompt labels are -100).
+- Identity warm-up: first a pass over Q-A-A copies made from ``warmup_share`` of the examples
+  (correction := answer), so the model learns to copy; then the Q-A-C examples. The paper found
+  20 % best with 50K examples; a corrector that has not learnt to copy rewrites safe answers.
+- AdamW (β = 0.9, 0.95), cosine schedule with 3 % warm-up, as in the released training script.
+
+The whole run is a deterministic plan of batches (seeded), so a checkpoint only has to remember
+the step it reached: resuming replays nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from aligner_chain.errors import ConfigurationError, InputError, ModelLoadError
+from aligner_chain.loading import check_model_source, resolve_device
+from aligner_chain.templates import PromptTemplate
+from aligner_chain.training.data import QACExample
+
+logger = logging.getLogger(__name__)
+
+TRAINING_INFO = "aligner_training.json"
+"""Written beside the trained weights: the template, data counts and losses of the run."""
+_CHECKPOINTS = "checkpoints"
+_STATE = "trainer_state.pt"
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters. Defaults follow the paper's script except the learning rate, which is
+    the script's 2e-5 only for large pretrained models; small or from-scratch models need more."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | None = None
+    warmup_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    epochs: float = Field(default=3.0, gt=0)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=8)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule_warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    save_steps: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    seed: int = 42
+    lora: bool = False
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    """What a run did: optimizer steps taken (in total, over resumes) and the loss of each."""
+
+    out: Path
+    steps: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class _Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    phase: str
+
+
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer; a folder without one is a clear error, not a deep traceback."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{model}: no usable tokenizer in the model folder ({exc})") from exc
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{model}: the tokenizer has no EOS token to end corrections with")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_example(
+    tokenizer: Any, template: PromptTemplate, example: QACExample, phase: str
+) -> _Tokenized:
+    """Prompt tokens as the corrector builds them at inference, then correction + EOS.
+
+    The prompt is tokenized alone (special-token text split, as at inference). The correction is
+    taken from the joint tokenization when the prompt's tokens are its prefix, so the boundary
+    token matches what the model would naturally produce; otherwise it is tokenized alone.
+    """
+    prompt = template.format(example.question, example.answer)
+    prompt_ids = tokenizer(prompt, split_special_tokens=True)["input_ids"]
+    joint = tokenizer(prompt + " " + example.correction, split_special_tokens=True)["input_ids"]
+    if joint[: len(prompt_ids)] == prompt_ids:
+        target = joint[len(prompt_ids) :]
+    else:
+        target = tokenizer(
+            " " + example.correction, add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
+    target = [*target, tokenizer.eos_token_id]
+    return _Tokenized(prompt_ids + target, [-100] * len(prompt_ids) + target, phase)
+
+
+def plan_batches(
+    examples: Sequence[QACExample], config: TrainConfig
+) -> list[list[tuple[str, QACExample]]]:
+    """The run's batches in order: warm-up copies (every epoch), then Q-A-C (every epoch).
+
+    Epochs may be fractional (e.g. 0.5 = half the shuffled data), for time-boxed CPU runs.
+    """
+    rng = random.Random(config.seed)
+    n_copies = round(len(examples) * config.warmup_share)
+    copies = [
+        ("warmup", QACExample(e.question, e.answer, e.answer))
+        for e in rng.sample(list(examples), n_copies)
+    ]
+    main = [("qac", e) for e in examples]
+    batches: list[list[tuple[str, QACExample]]] = []
+    for items in (copies, main):
+        if not items:
+            continue
+        ordered: list[tuple[str, QACExample]] = []
+        for _ in range(math.ceil(config.epochs)):
+            shuffled = items[:]
+            rng.shuffle(shuffled)
+            ordered.extend(shuffled)
+        ordered = ordered[: max(1, round(len(items) * config.epochs))]
+        size = config.batch_size
+        batches.extend(ordered[i : i + size] for i in range(0, len(ordered), size))
+    return batches
+
+
+def _collate(items: list[_Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _fingerprint(examples: Sequence[QACExample], model: str, config: TrainConfig) -> str:
+    """Identifies data + settings, so ``--resume`` refuses a checkpoint of a different run."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps(asdict(e), ensure_ascii=False).encode())
+    settings = config.model_dump(exclude={"max_steps", "save_steps", "keep_checkpoints", "device"})
+    digest.update(json.dumps([str(model), settings], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_model(model: str, config: TrainConfig, device: torch.device) -> Any:
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if config.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:
+            raise ConfigurationError("LoRA needs peft: pip install 'aligner-chain[train]'") from exc
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+        )
+        lm = get_peft_model(lm, lora)
+    return lm.to(device)
+
+
+def _trainable_state(lm: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in lm.named_parameters() if p.requires_grad}
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / _CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name[5:]))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(
+    out: Path, step: int, lm: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int
+) -> None:
+    """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint."""
+    root = out / _CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(
+        {
+            **state,
+            "step": step,
+            "weights": _trainable_state(lm),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        tmp / _STATE,
+    )
+    final = root / f"step-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_corrector(
+    examples: Sequence[QACExample],
+    model: str,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` (a folder or hub id of a causal LM) into a corrector saved in ``out``.
+
+    The saved folder loads with :class:`~aligner_chain.TransformersCorrector` using the same
+    template (LoRA adapters are merged in). With ``config.max_steps`` the run stops at that step
+    with a checkpoint; ``resume=True`` continues from the latest checkpoint in ``out``.
+    """
+    config = config or TrainConfig()
+    if not examples:
+        raise InputError("no training examples")
+    source = check_model_source(model)
+    out = Path(out)
+    template = PromptTemplate.resolve(config.template)
+    tokenizer = load_tokenizer(source)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    plan = plan_batches(examples, config)
+    cache: dict[tuple[str, QACExample], _Tokenized | None] = {}
+
+    def tokenized(item: tuple[str, QACExample]) -> _Tokenized | None:
+        if item not in cache:
+            t = encode_example(tokenizer, template, item[1], item[0])
+            cache[item] = t if len(t.input_ids) <= config.max_length else None
+        return cache[item]
+
+    total_steps = math.ceil(len(plan) / config.grad_accum)
+    fingerprint = _fingerprint(examples, source, config)
+
+    lm = _build_model(source, config, device)
+    lm.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in lm.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(total_steps * config.schedule_warmup_ratio), total_steps
+    )
+    step, losses, skipped = 0, [], 0
+    checkpoint = _latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("no checkpoint in %s: training from the start", out)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / _STATE, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ConfigurationError(
+                f"{checkpoint}: the checkpoint was made with other data, model or settings; "
+                "train into a new --out folder or drop --resume"
+            )
+        lm.load_state_dict(state["weights"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses, skipped = state["step"], state["losses"], state["skipped"]
+        logger.info("resumed from %s at step %d of %d", checkpoint, step, total_steps)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stop = min(total_steps, config.max_steps or total_steps)
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", desc="train")
+    while step < stop:
+        group = plan[step * config.grad_accum : (step + 1) * config.grad_accum]
+        batches = [[t for t in map(tokenized, batch) if t is not None] for batch in group]
+        skipped_here = sum(len(b) for b in group) - sum(len(b) for b in batches)
+        n_tokens = sum(sum(x != -100 for x in t.labels) for b in batches for t in b)
+        step_loss = 0.0
+        for batch in batches:
+            if not batch:
+                continue
+            inputs = {k: v.to(device) for k, v in _collate(batch, tokenizer.pad_token_id).items()}
+            labels = inputs.pop("labels")
+            with autocast:
+                logits = lm(**inputs).logits.float()
+            # Sum over the correction tokens of the whole accumulated step, then one division,
+            # so every token weighs the same whatever batch it landed in.
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ) / max(n_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        skipped += skipped_here
+        losses.append(step_loss)
+        phase = group[0][0][0] if group and group[0] else "qac"
+        bar.set_postfix(loss=f"{step_loss:.3f}", phase=phase)
+        bar.update(1)
+        if step % config.save_steps == 0 or step == stop:
+            _save_checkpoint(
+                out,
+                step,
+                lm,
+                optimizer,
+                scheduler,
+                {"fingerprint": fingerprint, "losses": losses, "skipped": skipped},
+                config.keep_checkpoints,
+            )
+    bar.close()
+    result = TrainResult(out, step, total_steps, losses, time.perf_counter() - started)
+    if skipped:
+        logger.warning(
+            "%d example passes were longer than %d tokens and skipped", skipped, config.max_length
+        )
+    if step == total_steps:
+        _save_final(lm, tokenizer, out, config, template, examples, result)
+        result.finished = True
+    return result
+
+
+def _save_final(
+    lm: Any,
+    tokenizer: Any,
+    out: Path,
+    config: TrainConfig,
+    template: PromptTemplate,
+    examples: Sequence[QACExample],
+    result: TrainResult,
+) -> None:
+    if config.lora:
+        lm = lm.merge_and_unload()
+    lm.eval()
+    lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {
+        "template": template.text,
+        "examples": len(examples),
+        "warmup_share": config.warmup_share,
+        "config": config.model_dump(),
+        "steps": result.steps,
+        "first_losses": result.losses[:10],
+        "last_losses": result.losses[-10:],
+    }
+    (out / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
