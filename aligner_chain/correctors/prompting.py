@@ -113,18 +113,31 @@ class PromptPreparation:
         return PreparedPrompt(prompt, budget, truncated)
 
 
+class StreamTrimmer:
+    """Removes leading and trailing whitespace from a text that arrives in deltas, so the
+    concatenation of what :meth:`feed` returns equals the stripped whole text."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def feed(self, delta: str) -> str:
+        """The part of the text that can be emitted after ``delta`` arrived (maybe empty)."""
+        if not self.started:
+            delta = delta.lstrip()
+            if not delta:
+                return ""
+            self.started = True
+        text = self.pending + delta
+        body = text.rstrip()
+        self.pending = text[len(body) :]
+        return body
+
+
 def trim_stream(deltas: Iterator[str]) -> Iterator[str]:
     """Yield deltas with leading and trailing whitespace removed from the whole text, so the
     concatenation equals the stripped text that :meth:`TransformersCorrector.correct` returns."""
-    started, pending = False, ""
+    trimmer = StreamTrimmer()
     for delta in deltas:
-        if not started:
-            delta = delta.lstrip()
-            if not delta:
-                continue
-            started = True
-        text = pending + delta
-        body = text.rstrip()
-        pending = text[len(body) :]
-        if body:
+        if body := trimmer.feed(delta):
             yield body
