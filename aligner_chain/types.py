@@ -52,7 +52,7 @@ class Correction:
 
 
 def as_pairs(value: object) -> list[QAPair]:
-    """Accept one pair or a sequence of pairs, given as QAPair, ``(q, a)`` or ``{"question", "answer"}``.
+    """Accept one pair or a sequence of pairs: ``QAPair``, ``(q, a)`` or a question/answer dict.
 
     Raises :class:`~aligner_chain.errors.InputError` on anything else, so a wrong call fails with a
     typed error instead of deep inside a tokenizer.

@@ -145,7 +145,7 @@ def test_model_loads_once_and_is_thread_safe(tiny_lm_path, corrector) -> None:
 def test_missing_model_path_is_clear(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         TransformersCorrector(str(tmp_path / "absent"))
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         TransformersCorrector(str(tmp_path))
 
 

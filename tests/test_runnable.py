@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 import pytest
@@ -23,7 +23,7 @@ from aligner_chain import (
 )
 from aligner_chain.classifiers import RunnableClassifier
 from aligner_chain.correctors.transformers import GenerationSettings
-from aligner_chain.routing import Bands, DEFAULT_REFUSAL
+from aligner_chain.routing import DEFAULT_REFUSAL, Bands
 
 
 def keyword_judge(question: str, answer: str) -> float:
@@ -240,7 +240,7 @@ def test_batch_uses_one_call_per_stage(corrector) -> None:
         return keyword_judge(q, a)
 
     class CountingCorrector(TransformersCorrector):
-        batches: list[int] = []
+        batches: ClassVar[list[int]] = []
 
         def correct(self, pairs):
             self.batches.append(len(pairs))
