@@ -53,9 +53,7 @@ CATEGORIES: dict[str, str] = {
 }
 """OpenAI moderation codes (the training labels) -> the category names verdicts carry."""
 
-DEFAULT_BANDS: dict[str, float | None] = {"correct_at": 0.5, "reask_at": None, "refuse_at": None}
-"""Routing bands for the shipped weights; overwritten below from the shipped config, whose bands
-were derived on a validation split by ``aligner-chain train-classifier`` (see the model card)."""
+_FALLBACK_BANDS: dict[str, float | None] = {"correct_at": 0.5, "reask_at": None, "refuse_at": None}
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 
@@ -133,9 +131,9 @@ class PairEncoder:
         if not text:
             return []
         with self._lock:
-            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
-                "input_ids"
-            ]
+            return self.tokenizer(
+                text, add_special_tokens=False, split_special_tokens=True, verbose=False
+            )["input_ids"]
 
     def windows(self, question: str, answer: str, *, first_only: bool = False) -> list[list[int]]:
         w = self.windowing
@@ -248,6 +246,14 @@ def _load(weights_dir: Path, base_model: str | None, quantize: bool) -> LoadedEm
     return LoadedEmbedded(model, PairEncoder(tokenizer, Windowing(**config["windowing"])), config)
 
 
+def _stamp(weights_dir: Path) -> str:
+    """Changes when the files on disk change, so a retrained folder is not served from cache."""
+    stats = [
+        (weights_dir / f).stat() for f in (CONFIG_FILE, WEIGHTS_FILE) if (weights_dir / f).exists()
+    ]
+    return ",".join(f"{s.st_mtime_ns}:{s.st_size}" for s in stats)
+
+
 class EmbeddedClassifier(HarmClassifier):
     """The offline default harm classifier: ~22M parameters, milliseconds per pair on a CPU.
 
@@ -287,7 +293,7 @@ class EmbeddedClassifier(HarmClassifier):
             model=str(weights_dir.resolve()),
             device="cpu",
             dtype="int8" if use_int8 else "float32",
-            options=(("base", base_model or ""),),
+            options=(("base", base_model or ""), ("stamp", _stamp(weights_dir))),
         )
         self.loaded: LoadedEmbedded = load_once(
             key, lambda: _load(weights_dir, base_model, use_int8)
@@ -307,7 +313,7 @@ class EmbeddedClassifier(HarmClassifier):
     @property
     def bands(self) -> dict[str, float | None]:
         """The routing bands derived for these weights on their validation split."""
-        return dict(self.loaded.config.get("bands", DEFAULT_BANDS))
+        return dict(self.loaded.config.get("bands", _FALLBACK_BANDS))
 
     def _check(self, pair: QAPair) -> tuple[str, str]:
         for name, text in (("question", pair.question), ("answer", pair.answer)):
@@ -378,7 +384,10 @@ def _shipped_bands() -> dict[str, float | None]:
     try:
         return json.loads((ASSET_DIR / CONFIG_FILE).read_text())["bands"]
     except (OSError, ValueError, KeyError):
-        return DEFAULT_BANDS
+        return dict(_FALLBACK_BANDS)
 
 
-DEFAULT_BANDS = _shipped_bands()
+DEFAULT_BANDS: dict[str, float | None] = _shipped_bands()
+"""Routing bands (``correct_at``/``reask_at``/``refuse_at``) for the shipped weights, derived on a
+validation split by ``aligner-chain train-classifier`` (see the model card); pass them to
+:class:`~aligner_chain.routing.RoutingPolicy`."""

