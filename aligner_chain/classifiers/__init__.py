@@ -1,6 +1,7 @@
 """Harm classifiers: score how likely an answer is harmful given its question."""
 
 from aligner_chain.classifiers.base import HarmClassifier
+from aligner_chain.classifiers.cascade import CascadeClassifier
 from aligner_chain.classifiers.guard import LLAMA_GUARD_3_CATEGORIES, GuardModelClassifier
 from aligner_chain.classifiers.runnable import RunnableClassifier, parse_judgement
 from aligner_chain.classifiers.sequence import BEAVER_DAM_CATEGORIES, SequenceClassifier
@@ -8,6 +9,7 @@ from aligner_chain.classifiers.sequence import BEAVER_DAM_CATEGORIES, SequenceCl
 __all__ = [
     "BEAVER_DAM_CATEGORIES",
     "LLAMA_GUARD_3_CATEGORIES",
+    "CascadeClassifier",
     "GuardModelClassifier",
     "HarmClassifier",
     "RunnableClassifier",
