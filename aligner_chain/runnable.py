@@ -29,7 +29,7 @@ Stage = Literal["classify", "correct", "upstream"]
 
 
 @dataclass
-class _Effect:
+class Effect:
     """A request from the pipeline to its driver: run one batched stage."""
 
     stage: Stage
@@ -102,7 +102,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
     # -- the pipeline (one copy of the logic; drivers run its effects sync or async) ----------
 
-    def _pipeline(self, turns: list[Turn]) -> Generator[_Effect, Any, list[AIMessage | Exception]]:
+    def _pipeline(self, turns: list[Turn]) -> Generator[Effect, Any, list[AIMessage | Exception]]:
         policy = self.policy
         work: list[_Work] = []
         for turn in turns:
@@ -124,7 +124,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
             for w in work:
                 w.record.route = w.record.initial_route = Route.CORRECT
         elif work:
-            verdicts = yield _Effect("classify", [w.pair for w in work], "before")
+            verdicts = yield Effect("classify", [w.pair for w in work], "before")
             for w, verdict in self._per_item(work, verdicts, "classifier"):
                 w.record.verdict_before = verdict
                 route = policy.decide(w.pair, verdict, self.rule)
@@ -190,7 +190,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
         else:
             self._settle(w, self.policy.refusal_message)
 
-    def _reask(self, work: list[_Work]) -> Generator[_Effect, Any, None]:
+    def _reask(self, work: list[_Work]) -> Generator[Effect, Any, None]:
         policy = self.policy
         for round_ in range(policy.max_reasks + 1):
             pending = [w for w in work if not w.done and w.record.route is Route.REASK]
@@ -204,7 +204,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 return
             drafts: list[str | None] = [None] * len(pending)
             if policy.reask_with_draft and self.corrector is not None:
-                corrections = yield _Effect("correct", [w.pair for w in pending], "draft")
+                corrections = yield Effect("correct", [w.pair for w in pending], "draft")
                 if not isinstance(corrections, Exception):
                     drafts = [None if c.empty else c.text for c in corrections]
             conversations = [
@@ -215,7 +215,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 ]
                 for w, draft in zip(pending, drafts)
             ]
-            replies = yield _Effect("upstream", conversations, "reask")
+            replies = yield Effect("upstream", conversations, "reask")
             answered: list[_Work] = []
             for w, reply in self._per_item(pending, replies, "upstream"):
                 text = (
@@ -229,7 +229,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 answered.append(w)
             if not answered:
                 continue
-            verdicts = yield _Effect("classify", [w.pair for w in answered], "reask")
+            verdicts = yield Effect("classify", [w.pair for w in answered], "reask")
             for w, verdict in self._per_item(answered, verdicts, "classifier"):
                 w.record.verdict_after = verdict
                 route = policy.decide(w.pair, verdict, self.rule)
@@ -238,11 +238,11 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 else:
                     w.record.route = route
 
-    def _correct(self, work: list[_Work]) -> Generator[_Effect, Any, None]:
+    def _correct(self, work: list[_Work]) -> Generator[Effect, Any, None]:
         pending = [w for w in work if not w.done and w.record.route is Route.CORRECT]
         if not pending:
             return
-        corrections = yield _Effect("correct", [w.pair for w in pending], "correct")
+        corrections = yield Effect("correct", [w.pair for w in pending], "correct")
         corrected: list[tuple[_Work, Correction]] = []
         for w, c in self._per_item(pending, corrections, "corrector"):
             w.record.truncated = c.truncated
@@ -258,7 +258,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 self._settle(w, c.text)
             return
         pairs = [QAPair(w.pair.question, c.text, w.pair.context) for w, c in corrected]
-        verdicts = yield _Effect("classify", pairs, "verify")
+        verdicts = yield Effect("classify", pairs, "verify")
         texts = {id(w): c.text for w, c in corrected}
         for w, verdict in self._per_item([w for w, _ in corrected], verdicts, "classifier"):
             w.record.verdict_after = verdict
@@ -287,19 +287,19 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
     # -- drivers -----------------------------------------------------------------------------
 
-    def _child(self, manager: Any, config: RunnableConfig, effect: _Effect) -> RunnableConfig:
+    def _child(self, manager: Any, config: RunnableConfig, effect: Effect) -> RunnableConfig:
         stage = {"classify": "classifier", "correct": "corrector", "upstream": "upstream"}
         tag = f"aligner:{stage[effect.stage]}"
         return patch_config(config, callbacks=manager.get_child(tag), run_name=None)
 
-    def _execute(self, effect: _Effect, config: RunnableConfig) -> Any:
+    def _execute(self, effect: Effect, config: RunnableConfig) -> Any:
         if effect.stage == "classify":
             return self.classifier.invoke(effect.payload, config)  # type: ignore[union-attr]
         if effect.stage == "correct":
             return self.corrector.invoke(effect.payload, config)  # type: ignore[union-attr]
         return self.upstream.batch(effect.payload, config, return_exceptions=True)  # type: ignore[union-attr]
 
-    async def _aexecute(self, effect: _Effect, config: RunnableConfig) -> Any:
+    async def _aexecute(self, effect: Effect, config: RunnableConfig) -> Any:
         if effect.stage == "classify":
             return await self.classifier.ainvoke(effect.payload, config)  # type: ignore[union-attr]
         if effect.stage == "correct":
@@ -308,14 +308,13 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
     def _drive(
         self,
-        turns: list[Turn],
+        gen: Generator[Effect, Any, Any],
         manager: CallbackManagerForChainRun,
         config: RunnableConfig,
         stream_sink: list[str] | None = None,
     ) -> Iterator[Any]:
-        """Run the pipeline synchronously; yields streamed text deltas when ``stream_sink`` is
-        given, and finally the list of results."""
-        gen = self._pipeline(turns)
+        """Run a pipeline synchronously; yields streamed text deltas when ``stream_sink`` is
+        given, and finally its result wrapped in ``_Done``."""
         timings: dict[str, float] = {}
         try:
             effect = next(gen)
@@ -335,16 +334,15 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 timings[key] = timings.get(key, 0.0) + (time.perf_counter() - start) * 1000
                 effect = gen.send(result)
         except StopIteration as stop:
-            yield _Done(_with_timings(stop.value, timings))
+            yield _Done(stop.value, timings)
 
     async def _adrive(
         self,
-        turns: list[Turn],
+        gen: Generator[Effect, Any, Any],
         manager: AsyncCallbackManagerForChainRun,
         config: RunnableConfig,
         stream_sink: list[str] | None = None,
     ) -> AsyncIterator[Any]:
-        gen = self._pipeline(turns)
         timings: dict[str, float] = {}
         try:
             effect = next(gen)
@@ -369,11 +367,11 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 timings[key] = timings.get(key, 0.0) + (time.perf_counter() - start) * 1000
                 effect = gen.send(result)
         except StopIteration as stop:
-            yield _Done(_with_timings(stop.value, timings))
+            yield _Done(stop.value, timings)
 
     # -- streaming ---------------------------------------------------------------------------
 
-    def _streams(self, effect: _Effect) -> bool:
+    def _streams(self, effect: Effect) -> bool:
         """Stream a correction live only when nothing can override it after release."""
         return (
             effect.stage == "correct"
@@ -411,7 +409,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
     def _invoke_one(
         self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig
     ) -> AIMessage:
-        result = _last(self._drive([parse_input(value)], run_manager, config))[0]
+        result = _last(self._drive(self._pipeline([parse_input(value)]), run_manager, config))[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -419,7 +417,9 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
     async def _ainvoke_one(
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
     ) -> AIMessage:
-        result = (await _alast(self._adrive([parse_input(value)], run_manager, config)))[0]
+        result = (
+            await _alast(self._adrive(self._pipeline([parse_input(value)]), run_manager, config))
+        )[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -441,7 +441,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
         # One pipeline for the whole batch; its stage runs hang under the first input's run.
         turns, errors = _parse_all(values)
         live = [t for t in turns if t is not None]
-        results = _last(self._drive(live, run_manager[0], config[0]))
+        results = _last(self._drive(self._pipeline(live), run_manager[0], config[0]))
         return _merge(turns, errors, results)
 
     async def _abatch_many(
@@ -452,7 +452,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
     ) -> list[AIMessage | Exception]:
         turns, errors = _parse_all(values)
         live = [t for t in turns if t is not None]
-        results = await _alast(self._adrive(live, run_manager[0], config[0]))
+        results = await _alast(self._adrive(self._pipeline(live), run_manager[0], config[0]))
         return _merge(turns, errors, results)
 
     def batch(
@@ -490,9 +490,11 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
         config: RunnableConfig,
     ) -> Iterator[AIMessageChunk]:
         sink: list[str] = []
-        for item in self._drive([parse_input(_single(inputs))], run_manager, config, sink):
+        for item in self._drive(
+            self._pipeline([parse_input(_single(inputs))]), run_manager, config, sink
+        ):
             if isinstance(item, _Done):
-                yield _final_chunk(item.value[0], "".join(sink))
+                yield _final_chunk(_with_timings(item.value, item.timings)[0], "".join(sink))
             else:
                 yield AIMessageChunk(content=item)
 
@@ -504,11 +506,10 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
     ) -> AsyncIterator[AIMessageChunk]:
         values = [v async for v in inputs]
         sink: list[str] = []
-        async for item in self._adrive(
-            [parse_input(_single(iter(values)))], run_manager, config, sink
-        ):
+        gen = self._pipeline([parse_input(_single(iter(values)))])
+        async for item in self._adrive(gen, run_manager, config, sink):
             if isinstance(item, _Done):
-                yield _final_chunk(item.value[0], "".join(sink))
+                yield _final_chunk(_with_timings(item.value, item.timings)[0], "".join(sink))
             else:
                 yield AIMessageChunk(content=item)
 
@@ -542,7 +543,10 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
 @dataclass
 class _Done:
-    value: list[AIMessage | Exception]
+    """The end of a driven pipeline: its return value and the wall time of each stage."""
+
+    value: Any
+    timings: dict[str, float]
 
 
 def _with_timings(results: list[Any], timings: dict[str, float]) -> list[Any]:
@@ -565,7 +569,7 @@ def _last(items: Iterator[Any]) -> list[Any]:
     for item in items:
         done = item
     assert isinstance(done, _Done)
-    return done.value
+    return _with_timings(done.value, done.timings)
 
 
 async def _alast(items: AsyncIterator[Any]) -> list[Any]:
@@ -573,7 +577,7 @@ async def _alast(items: AsyncIterator[Any]) -> list[Any]:
     async for item in items:
         done = item
     assert isinstance(done, _Done)
-    return done.value
+    return _with_timings(done.value, done.timings)
 
 
 def _single(inputs: Iterator[Any]) -> Any:
