@@ -1,8 +1,5 @@
 """aligner-chain: an Aligner correction step after any LLM call in LangChain and LangGraph."""
 
-from typing import Any
-
-from aligner_chain.chat_model import AlignedChatModel, with_aligner
 from aligner_chain.classifiers import (
     CascadeClassifier,
     GuardModelClassifier,
@@ -29,9 +26,7 @@ from aligner_chain.types import Correction, QAPair, Verdict
 
 __all__ = [
     "PRESETS",
-    "AlignedChatModel",
     "AlignerError",
-    "AlignerMiddleware",
     "AlignerRunnable",
     "BackpressureError",
     "Bands",
@@ -55,14 +50,4 @@ __all__ = [
     "SequenceClassifier",
     "TransformersCorrector",
     "Verdict",
-    "with_aligner",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # AlignerMiddleware needs langchain (the optional "agents" extra): imported on first use.
-    if name == "AlignerMiddleware":
-        from aligner_chain.middleware import AlignerMiddleware
-
-        return AlignerMiddleware
-    raise AttributeError(f"module 'aligner_chain' has no attribute {name!r}")
