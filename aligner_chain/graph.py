@@ -21,7 +21,7 @@ import copy
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -33,6 +33,7 @@ from typing_extensions import NotRequired, TypedDict
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.errors import AlignerError, ConfigurationError, InputError, RefusedError
+from aligner_chain.inputs import parse_messages
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.routing import RouteRule, RoutingPolicy
 from aligner_chain.runnable import AlignerRunnable
@@ -104,6 +105,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         next_node: str = END,
         max_reasks: int | None = None,
         retry_policy: RetryPolicy | None = None,
+        context_key: str | None = None,
     ) -> None:
         # The graph re-asks, not the runnable; the node records once the route is final.
         self.recording = aligner
@@ -113,15 +115,23 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         self.next_node = next_node
         self.max_reasks = self.policy.max_reasks if max_reasks is None else max_reasks
         self.retry_policy = retry_policy
+        self.context_key = context_key
         self.name = "aligner"
 
     def add_to(self, builder: StateGraph, name: str = "aligner") -> StateGraph:
         """Add this node to ``builder`` with its retry policy, error handler and destinations."""
         self.name = name
+        schema: Any = AlignerNodeState
+        if self.context_key is not None:
+            fields = {
+                **get_type_hints(AlignerNodeState, include_extras=True),
+                self.context_key: NotRequired[Any],
+            }
+            schema = TypedDict(f"AlignerNodeState_{self.context_key}", fields)  # type: ignore[misc]
         return builder.add_node(
             name,
             self,
-            input_schema=AlignerNodeState,
+            input_schema=schema,
             retry_policy=self.retry_policy,
             error_handler=self.handle_error,
             destinations=tuple(d for d in (self.next_node, self.llm_node) if d is not None),
@@ -137,7 +147,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
             return Command(goto=self.next_node)
         call = self._call(input)
         try:
-            result = call.aligner.invoke(_judged(input["messages"]), config)
+            result = call.aligner.invoke(self._input(input), config)
         except InputError as exc:
             return self._unjudged(answer, exc)
         draft = self._draft(call, config) if self._wants_draft(call) else None
@@ -151,7 +161,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
             return Command(goto=self.next_node)
         call = self._call(input)
         try:
-            result = await call.aligner.ainvoke(_judged(input["messages"]), config)
+            result = await call.aligner.ainvoke(self._input(input), config)
         except InputError as exc:
             return self._unjudged(answer, exc)
         draft = await self._adraft(call, config) if self._wants_draft(call) else None
@@ -170,6 +180,16 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         return self._unjudged(answer, exc)
 
     # -- steps -------------------------------------------------------------------------------
+
+    def _input(self, state: dict[str, Any]) -> list[BaseMessage] | dict[str, Any]:
+        """The runnable's input: the conversation, or a pair with the retrieved context."""
+        messages = _judged(state["messages"])
+        if self.context_key is None:
+            return messages
+        turn = parse_messages(messages)
+        assert turn.pair is not None  # tool-call turns never get here
+        context = _context_text(state.get(self.context_key))
+        return {"question": turn.pair.question, "answer": messages[-1], "context": context}
 
     def _call(self, state: dict[str, Any]) -> _Call:
         """Configure the aligner for one judgement. While the graph may still re-ask, a re-ask
@@ -279,14 +299,17 @@ def aligner_node(
     next_node: str = END,
     max_reasks: int | None = None,
     retry_policy: RetryPolicy | None = None,
+    context_key: str | None = None,
 ) -> AlignerNode:
     """The Aligner step as a LangGraph node (see :class:`AlignerNode`).
 
     Pass an :class:`AlignerRunnable` or its parts. ``llm_node`` is where a re-ask goes
     (``None`` turns re-asks into corrections); ``next_node`` is where every other answer goes.
     ``max_reasks`` defaults to the policy's. With a ``retry_policy``, a failed classifier or
-    corrector makes LangGraph retry the node before ``on_error`` applies. Add the node with
-    ``node.add_to(builder, "aligner")`` so its error handler is wired.
+    corrector makes LangGraph retry the node before ``on_error`` applies. ``context_key`` names
+    a state key holding retrieved context (text or documents) for grounded correction (pair it
+    with the ``aligner-rag`` template). Add the node with ``node.add_to(builder, "aligner")`` so
+    its error handler is wired.
     """
     return AlignerNode(
         _aligner(aligner, classifier, corrector, policy, rule, recorder),
@@ -294,6 +317,7 @@ def aligner_node(
         next_node=next_node,
         max_reasks=max_reasks,
         retry_policy=retry_policy,
+        context_key=context_key,
     )
 
 
@@ -311,6 +335,7 @@ def add_aligner_step(
     recorder: Any = None,
     max_reasks: int | None = None,
     retry_policy: RetryPolicy | None = None,
+    context_key: str | None = None,
 ) -> StateGraph:
     """A copy of a graph's builder with the Aligner step inserted after node ``after``.
 
@@ -352,6 +377,7 @@ def add_aligner_step(
         next_node=exit_name,
         max_reasks=max_reasks,
         retry_policy=retry_policy,
+        context_key=context_key,
     ).add_to(builder, name)
     builder.add_node(exit_name, _pass_on)
     moved = {(s, t) for s, t in builder.edges if s == after}
@@ -408,6 +434,15 @@ def _judged(messages: list[BaseMessage]) -> list[BaseMessage]:
     """The conversation without the step's own feedback turns, so the question stays the
     user's."""
     return [m for m in messages if not m.response_metadata.get(FEEDBACK_FLAG)]
+
+
+def _context_text(value: Any) -> str | None:
+    """Retrieved context as text: a string, or documents/strings joined by blank lines."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, (list, tuple)):
+        return "\n\n".join(getattr(v, "page_content", v) for v in value) or None
+    raise InputError(f"context must be text or a list of documents, got {type(value).__name__}")
 
 
 def _with_record(answer: AIMessage, content: Any, record: DecisionRecord) -> AIMessage:
