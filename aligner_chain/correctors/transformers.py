@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
+from aligner_chain.correctors.copy_decoding import copy_greedy_generate, supports_copy_drafts
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, trim_stream
 from aligner_chain.errors import ConfigurationError, CorrectorError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
@@ -30,6 +31,11 @@ class GenerationSettings(BaseModel):
 
     ``max_new_tokens`` is derived per answer: ``ceil(answer_tokens * ratio) + margin``, capped
     at ``max_new_tokens_cap``, so that long answers are not cut.
+
+    ``copy_drafts`` lets a local model decode one answer at a time with drafts copied from the
+    input (:mod:`~aligner_chain.correctors.copy_decoding`): the same tokens in fewer forward
+    passes. It applies only to plain greedy decoding (no sampling, penalty or ``extra``
+    kwargs), where it is exact; batches of several answers use batched ``generate``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +49,7 @@ class GenerationSettings(BaseModel):
     new_tokens_margin: int = Field(default=64, ge=1)
     max_new_tokens_cap: int = Field(default=2048, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
+    copy_drafts: bool = True
 
     @classmethod
     def preset(cls, name: Literal["greedy", "paper"]) -> GenerationSettings:
@@ -59,6 +66,11 @@ class GenerationSettings(BaseModel):
             self.max_new_tokens_cap,
             math.ceil(answer_tokens * self.new_tokens_ratio) + self.new_tokens_margin,
         )
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy decoding with no logits processing, the case copy drafts reproduce exactly."""
+        return not self.do_sample and self.repetition_penalty is None and not self.extra
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"do_sample": self.do_sample}
@@ -135,6 +147,11 @@ class TransformersCorrector(PromptPreparation, Corrector):
         tok = self.loaded.tokenizer
         self._eos_ids = _eos_ids(self.loaded.model, tok)
         self._overhead = len(self._encode(self.template.format("", "")))
+        self._copy_drafts = (
+            self.generation.copy_drafts
+            and self.generation.plain_greedy
+            and supports_copy_drafts(self.loaded.model)
+        )
         self.batcher = make_runner(self._correct_batch, batching)
 
     # -- generation --------------------------------------------------------------------------
@@ -181,18 +198,38 @@ class TransformersCorrector(PromptPreparation, Corrector):
     async def acorrect(self, pairs: Sequence[QAPair]) -> list[Correction]:
         return await self.batcher.acall(pairs)
 
+    def _generate(
+        self, inputs: dict[str, torch.Tensor], max_new_tokens: int, streamer: Any = None
+    ) -> list[list[int]]:
+        """New tokens per row. A single answer decodes with copy drafts when that is exact;
+        batches use batched ``generate`` (drafts are accepted per row, which padding cannot
+        express)."""
+        model = self.loaded.model
+        with torch.inference_mode():
+            if self._copy_drafts and inputs["input_ids"].shape[0] == 1:
+                tokens, _ = copy_greedy_generate(
+                    model,
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=self._eos_ids,
+                    streamer=streamer,
+                )
+                return [tokens]
+            output = model.generate(
+                **inputs, streamer=streamer, **self._generate_kwargs(max_new_tokens)
+            )
+        start = inputs["input_ids"].shape[1]
+        return [row[start:].tolist() for row in output]
+
     def _correct_batch(self, pairs: list[QAPair]) -> list[Correction]:
         prepared = [self._prepare(p) for p in pairs]
         inputs = self._tokenize_batch([p.prompt for p in prepared])
         try:
-            with torch.inference_mode():
-                output = self.loaded.model.generate(
-                    **inputs, **self._generate_kwargs(max(p.max_new_tokens for p in prepared))
-                )
+            rows = self._generate(inputs, max(p.max_new_tokens for p in prepared))
         except (RuntimeError, ValueError) as exc:
             raise CorrectorError(f"{self.model_id}: generation failed: {exc}") from exc
-        start = inputs["input_ids"].shape[1]
-        return [self._finish(row[start:].tolist(), p) for row, p in zip(output, prepared)]
+        return [self._finish(row, p) for row, p in zip(rows, prepared)]
 
     def stream_correction(self, pair: QAPair) -> Iterator[str | Correction]:
         prepared = self._prepare(pair)
@@ -204,12 +241,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
 
         def run() -> None:
             try:
-                with torch.inference_mode():
-                    box["out"] = self.loaded.model.generate(
-                        **inputs,
-                        streamer=streamer,
-                        **self._generate_kwargs(prepared.max_new_tokens),
-                    )
+                box["out"] = self._generate(inputs, prepared.max_new_tokens, streamer)[0]
             except Exception as exc:  # surfaced to the caller below
                 box["error"] = exc
                 streamer.end()
@@ -222,8 +254,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
             raise CorrectorError(f"{self.model_id}: generation failed: {box['error']}") from box[
                 "error"
             ]
-        start = inputs["input_ids"].shape[1]
-        yield self._finish(box["out"][0][start:].tolist(), prepared)
+        yield self._finish(box["out"], prepared)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
