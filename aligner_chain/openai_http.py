@@ -15,9 +15,11 @@ import asyncio
 import json
 import logging
 import os
+import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -29,7 +31,6 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from aligner_chain.errors import AlignerError
@@ -37,6 +38,7 @@ from aligner_chain.errors import AlignerError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RetrySettings(BaseModel):
@@ -116,6 +118,27 @@ async def asse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]
             yield event
 
 
+def map_concurrently(fn: Callable[[T], R], items: Sequence[T], limit: int) -> list[R]:
+    """``[fn(x) for x in items]`` with up to ``limit`` requests in flight (one per item)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(len(items), limit)) as pool:
+        return list(pool.map(fn, items))
+
+
+async def amap_concurrently(
+    fn: Callable[[T], Awaitable[R]], items: Sequence[T], limit: int
+) -> list[R]:
+    """Async variant of :func:`map_concurrently`."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> R:
+        async with gate:
+            return await fn(item)
+
+    return list(await asyncio.gather(*(one(x) for x in items)))
+
+
 class OpenAICompatibleClient:
     """POST JSON (or read an SSE stream) with pooling, timeouts and retries.
 
@@ -150,11 +173,6 @@ class OpenAICompatibleClient:
         # An httpx.AsyncClient belongs to the event loop it first ran on: one per loop.
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
         self._aclients = weakref.WeakKeyDictionary()
-        self._backoff = wait_exponential_jitter(
-            initial=self.retry.initial_backoff_s,
-            max=self.retry.max_backoff_s,
-            jitter=self.retry.jitter_s,
-        )
 
     def __repr__(self) -> str:
         auth = f"key from ${self.api_key_env}" if self._secret else "no key"
@@ -185,7 +203,9 @@ class OpenAICompatibleClient:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             return min(exc.retry_after, self.retry.max_retry_after_s)
-        return self._backoff(state)
+        r = self.retry
+        backoff = r.initial_backoff_s * 2 ** (state.attempt_number - 1)
+        return min(r.max_backoff_s, backoff + random.uniform(0, r.jitter_s))
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
