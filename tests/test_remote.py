@@ -39,7 +39,7 @@ from aligner_chain.types import Correction, QAPair
 
 pytest.importorskip("uvicorn", reason="needs transformers[serving] (the dev extra)")
 pytest.importorskip("fastapi", reason="needs transformers[serving] (the dev extra)")
-pytest.importorskip("transformers.cli.serving.completion", reason="transformers serve lacks /v1/completions")
+pytest.importorskip("transformers.cli.serving.completion", reason="serve lacks /v1/completions")
 
 SECRET = "sk-test-7f3a9c1e-never-log-me"
 # A short budget (margin 8 instead of 64 new tokens) keeps CPU generation fast.

@@ -8,10 +8,8 @@ to a server changes where it runs, not what it sees. Only the tokenizer is loade
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +21,12 @@ from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation
 from aligner_chain.correctors.transformers import GenerationSettings
 from aligner_chain.errors import CorrectorError
 from aligner_chain.loading import LoadKey, check_model_source, load_once
-from aligner_chain.openai_http import OpenAICompatibleClient, RetrySettings
+from aligner_chain.openai_http import (
+    OpenAICompatibleClient,
+    RetrySettings,
+    amap_concurrently,
+    map_concurrently,
+)
 from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
 
@@ -199,26 +202,17 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
     # -- Corrector API -----------------------------------------------------------------------
 
     def correct(self, pairs: Sequence[QAPair]) -> list[Correction]:
-        prepared = [self._prepare(p) for p in pairs]
-
         def one(p: PreparedPrompt) -> Correction:
             return self._from_payload(self.client.post(self.path, self._body(p, False)), p)
 
-        if len(prepared) <= 1:
-            return [one(p) for p in prepared]
-        with ThreadPoolExecutor(min(len(prepared), self.max_concurrency)) as pool:
-            return list(pool.map(one, prepared))
+        return map_concurrently(one, [self._prepare(p) for p in pairs], self.max_concurrency)
 
     async def acorrect(self, pairs: Sequence[QAPair]) -> list[Correction]:
-        prepared = [self._prepare(p) for p in pairs]
-        gate = asyncio.Semaphore(self.max_concurrency)
-
         async def one(p: PreparedPrompt) -> Correction:
-            async with gate:
-                payload = await self.client.apost(self.path, self._body(p, False))
-            return self._from_payload(payload, p)
+            return self._from_payload(await self.client.apost(self.path, self._body(p, False)), p)
 
-        return list(await asyncio.gather(*(one(p) for p in prepared)))
+        prepared = [self._prepare(p) for p in pairs]
+        return await amap_concurrently(one, prepared, self.max_concurrency)
 
     def _feed(self, stream: _Stream, event: dict[str, Any]) -> str:
         """Fold one stream event into ``stream``; returns the trimmed text to emit."""
