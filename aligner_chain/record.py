@@ -46,6 +46,7 @@ class DecisionRecord(BaseModel):
     truncated: bool = False
     errors: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    stream_events: list[dict[str, Any]] = Field(default_factory=list)
     classifier_id: str | None = None
     corrector_id: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)

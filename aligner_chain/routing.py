@@ -8,7 +8,9 @@ A policy is a pydantic model, so it loads from and saves to YAML or JSON.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -58,6 +60,65 @@ class Bands(BaseModel):
         return Route.SKIP
 
 
+class ScoreMap(BaseModel):
+    """A monotone map from one classifier's raw score to a calibrated probability of harm.
+
+    ``platt``: ``sigmoid(a * logit(score) + b)``. ``isotonic``: linear interpolation through the
+    fitted points ``(x, y)``, flat beyond the ends (what scikit-learn's ``predict`` does).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["platt", "isotonic"]
+    a: float = 1.0
+    b: float = 0.0
+    x: list[float] = Field(default_factory=list)
+    y: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _points(self) -> ScoreMap:
+        if self.method == "isotonic" and (
+            not self.x
+            or len(self.x) != len(self.y)
+            or any(b <= a for a, b in zip(self.x, self.x[1:]))
+            or any(b < a for a, b in zip(self.y, self.y[1:]))
+        ):
+            raise ValueError("isotonic needs equally long x (increasing) and y (non-decreasing)")
+        return self
+
+    def __call__(self, score: float) -> float:
+        if self.method == "platt":
+            p = min(max(score, 1e-7), 1.0 - 1e-7)
+            return 0.5 * (1.0 + math.tanh((self.a * math.log(p / (1.0 - p)) + self.b) / 2.0))
+        i = bisect.bisect_right(self.x, score)
+        if i == 0:
+            return self.y[0]
+        if i == len(self.x):
+            return self.y[-1]
+        x0, x1, y0, y1 = self.x[i - 1], self.x[i], self.y[i - 1], self.y[i]
+        return y0 + (y1 - y0) * (score - x0) / (x1 - x0)
+
+
+class Calibration(BaseModel):
+    """Score re-calibration fitted by ``aligner-chain calibrate``, applied before the bands.
+
+    ``maps`` is keyed by :attr:`Verdict.stage`: ``"first"``/``"second"`` for the two stages of a
+    :class:`~aligner_chain.classifiers.CascadeClassifier` (so both land on one probability scale
+    and one set of bands fits both), ``"*"`` for any other verdict. ``cascade_band`` is the
+    uncertain band fitted with it, in raw first-stage scores, to build the cascade from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    maps: dict[str, ScoreMap] = Field(default_factory=dict)
+    cascade_band: tuple[float, float] | None = None
+
+    def score(self, verdict: Verdict) -> float:
+        """The verdict's score through its stage's map (unchanged when none applies)."""
+        score_map = self.maps.get(verdict.stage or "*") or self.maps.get("*")
+        return score_map(verdict.score) if score_map else verdict.score
+
+
 class RoutingPolicy(Bands):
     """How answers are routed, and what happens when a stage fails.
 
@@ -74,6 +135,12 @@ class RoutingPolicy(Bands):
     - ``on_error``: ``fail_open`` keeps the original answer when a classifier or corrector
       fails; ``fail_closed`` refuses. The error is recorded either way.
     - ``record``: store every decision with the attached recorder (opt-in: records hold user text).
+    - ``calibration``: optional :class:`Calibration` applied to the overall score before banding.
+    - ``stream``: ``buffer`` judges the whole answer before releasing it; ``sentence`` releases
+      it a sentence at a time, each sentence only after it was judged with the question and the
+      text already released (a flagged sentence is replaced by a correction, or the stream ends
+      with the fallback). ``stream_max_chars``/``stream_max_ms`` bound the hold-back of one
+      sentence; ``stream_language`` guides sentence splitting.
     """
 
     mode: Literal["route", "always", "shadow"] = "route"
@@ -90,10 +157,16 @@ class RoutingPolicy(Bands):
     refusal_message: str = DEFAULT_REFUSAL
     on_error: Literal["fail_open", "fail_closed"] = "fail_open"
     record: bool = False
+    stream: Literal["buffer", "sentence"] = "buffer"
+    stream_max_chars: int = Field(default=600, ge=20)
+    stream_max_ms: float = Field(default=3000.0, gt=0)
+    stream_language: str = "en"
+    calibration: Calibration | None = None
 
     def decide(self, pair: QAPair, verdict: Verdict, rule: RouteRule | None = None) -> Route:
         """The route for one verdict: the strictest of the overall and per-category bands."""
-        route = self.route_for(verdict.score)
+        overall = self.calibration.score(verdict) if self.calibration else verdict.score
+        route = self.route_for(overall)
         for name, bands in self.category_bands.items():
             score = verdict.categories.get(name)
             if score is not None:

@@ -489,6 +489,11 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
         run_manager: CallbackManagerForChainRun,
         config: RunnableConfig,
     ) -> Iterator[AIMessageChunk]:
+        if self.policy.stream == "sentence":
+            from aligner_chain.streaming import stream_sentences
+
+            yield from stream_sentences(self, inputs, run_manager, config)
+            return
         sink: list[str] = []
         for item in self._drive(
             self._pipeline([parse_input(_single(inputs))]), run_manager, config, sink
@@ -504,6 +509,12 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
         run_manager: AsyncCallbackManagerForChainRun,
         config: RunnableConfig,
     ) -> AsyncIterator[AIMessageChunk]:
+        if self.policy.stream == "sentence":
+            from aligner_chain.streaming import astream_sentences
+
+            async for chunk in astream_sentences(self, inputs, run_manager, config):
+                yield chunk
+            return
         values = [v async for v in inputs]
         sink: list[str] = []
         gen = self._pipeline([parse_input(_single(iter(values)))])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from sentencex import segment
 
-_FENCE = re.compile(r"```.*?```[^\n]*\n?", re.DOTALL)
+_FENCE = re.compile(r"```.*?```\n?", re.DOTALL)
 _LIST_MARKER = re.compile(r"\s*(?:\d{1,3}|[A-Za-z]|[ivxIVX]{1,4})[.)]\s*")
 
 
@@ -65,7 +65,12 @@ class SentenceBuffer:
         max_ms: float = 3000.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.language, self.max_chars, self.max_ms, self.clock = language, max_chars, max_ms, clock
+        self.language, self.max_chars, self.max_ms, self.clock = (
+            language,
+            max_chars,
+            max_ms,
+            clock,
+        )
         self.pending = ""
         self.since: float | None = None
 
@@ -74,11 +79,14 @@ class SentenceBuffer:
         if delta and self.since is None:
             self.since = self.clock()
         self.pending += delta
-        units = split_sentences(self.pending, self.language)
-        open_fence = self.pending.count("```") % 2 == 1
-        ready = units[:-1] if units else []
-        if open_fence:  # nothing after an unclosed fence is complete yet
-            ready = _prefix_units(units, self.pending.rfind("```"))
+        if self.pending.count("```") % 2 == 1:
+            # An open code fence starts a unit that is complete only when it closes; the text
+            # before it is complete already.
+            ready = split_sentences(
+                self.pending[: self.pending.rfind("```")], self.language
+            )
+        else:
+            ready = split_sentences(self.pending, self.language)[:-1]
         self._take(ready)
         return ready + self._forced()
 
@@ -90,8 +98,10 @@ class SentenceBuffer:
 
     def overdue(self) -> bool:
         """Whether pending text has waited longer than ``max_ms``."""
-        return bool(self.pending) and self.since is not None and (
-            (self.clock() - self.since) * 1000 >= self.max_ms
+        return (
+            bool(self.pending)
+            and self.since is not None
+            and ((self.clock() - self.since) * 1000 >= self.max_ms)
         )
 
     def force(self) -> list[str]:
@@ -103,8 +113,9 @@ class SentenceBuffer:
 
     def _take(self, units: list[str]) -> None:
         taken = sum(len(u) for u in units)
-        self.pending = self.pending[taken:]
-        self.since = self.clock() if self.pending else None
+        if taken:  # the hold-back clock restarts only when text was released
+            self.pending = self.pending[taken:]
+            self.since = self.clock() if self.pending else None
 
     def _forced(self) -> list[str]:
         if len(self.pending) > self.max_chars:
@@ -115,14 +126,3 @@ class SentenceBuffer:
         if self.overdue():
             return self.force()
         return []
-
-
-def _prefix_units(units: list[str], limit: int) -> list[str]:
-    """The leading units that end at or before character ``limit``."""
-    out, end = [], 0
-    for unit in units:
-        if end + len(unit) > limit:
-            break
-        out.append(unit)
-        end += len(unit)
-    return out

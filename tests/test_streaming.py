@@ -1,0 +1,230 @@
+"""Sentence-level guarded streaming: splitting, bounded hold-back, and no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+from operator import itemgetter
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.runnables import RunnableLambda, RunnableParallel
+
+from aligner_chain import (
+    AlignerRunnable,
+    RefusedError,
+    RoutingPolicy,
+    TransformersCorrector,
+)
+from aligner_chain.classifiers import RunnableClassifier
+from aligner_chain.sentences import SentenceBuffer, split_sentences
+
+SECRET = "Mix the two chemicals in a closed jar."
+ANSWER = (
+    f"Sure, here is how. First, gather materials. {SECRET} Then wait ten minutes. Done."
+)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Dr. Smith paid $3.50. He left.", ["Dr. Smith paid $3.50. ", "He left."]),
+        ("1. Boil water. 2. Add tea.", ["1. Boil water. ", "2. Add tea."]),
+        (
+            "Run:\n```py\nx = 1. + 2.\n```\nOk.",
+            ["Run:\n", "```py\nx = 1. + 2.\n```\n", "Ok."],
+        ),
+        ("你好。今天很好！走吧？", ["你好。", "今天很好！", "走吧？"]),
+    ],
+)
+def test_split_sentences(text: str, expected: list[str]) -> None:
+    assert split_sentences(text, "zh" if "你" in text else "en") == expected
+
+
+@given(st.text(), st.integers(min_value=1, max_value=7))
+def test_buffer_loses_no_text(text: str, step: int) -> None:
+    buffer = SentenceBuffer(max_chars=50)
+    out: list[str] = []
+    for i in range(0, len(text), step):
+        out += buffer.feed(text[i : i + step])
+    assert "".join(out + buffer.flush()) == text
+
+
+def test_buffer_forces_long_and_old_text() -> None:
+    now = [0.0]
+    buffer = SentenceBuffer(max_chars=30, max_ms=100, clock=lambda: now[0])
+    forced = buffer.feed("a very long sentence without any end in sight at all")
+    assert forced and len(forced[0]) <= 30
+    rest = SentenceBuffer(max_chars=500, max_ms=100, clock=lambda: now[0])
+    assert rest.feed("no end yet") == []
+    now[0] = 0.2
+    assert rest.feed(" still") == ["no end yet still"]
+
+
+def test_open_code_fence_holds_until_closed() -> None:
+    buffer = SentenceBuffer()
+    assert buffer.feed("Code: ```py\nx = 1. y = 2. z = 3.") == ["Code: "]
+    assert buffer.feed("\n``` After.") == ["```py\nx = 1. y = 2. z = 3.\n```"]
+
+
+class Judge:
+    """Flags any text whose last sentence is SECRET; remembers everything it was shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, question: str, answer: str) -> float:
+        self.seen.append(answer)
+        return 0.97 if answer.rstrip().endswith(SECRET) else 0.02
+
+
+@pytest.fixture(scope="module")
+def corrector(tiny_lm_path) -> TransformersCorrector:
+    return TransformersCorrector(str(tiny_lm_path))
+
+
+def guarded(corrector, judge: Judge, **policy: Any) -> AlignerRunnable:
+    policy.setdefault("stream", "sentence")
+    policy.setdefault("verify_after_correct", False)
+    return AlignerRunnable(
+        classifier=RunnableClassifier(judge),
+        corrector=corrector,
+        policy=RoutingPolicy(**policy),
+    )
+
+
+def released_texts(chunks: list[AIMessageChunk]) -> list[str]:
+    out, total = [], ""
+    for chunk in chunks:
+        if chunk.content:
+            total += chunk.content
+            out.append(total)
+    return out
+
+
+def test_stream_never_leaks_the_flagged_sentence(corrector) -> None:
+    judge = Judge()
+    chunks = list(
+        guarded(corrector, judge).stream({"question": "How?", "answer": ANSWER})
+    )
+    text = "".join(c.content for c in chunks)
+    assert (
+        SECRET not in text
+        and "First, gather materials." in text
+        and text.endswith("Done.")
+    )
+    events = [e for c in chunks for e in c.response_metadata.get("aligner_events", [])]
+    assert [e["original"].strip() for e in events] == [SECRET]
+    record = chunks[-1].response_metadata["aligner"]
+    assert record["original_answer"] == ANSWER and record["route"] == "correct"
+    # Every released prefix was judged before release (text events; corrections are judged
+    # by their original sentence, replaced, and verified when verification is on).
+    for prefix in released_texts(chunks):
+        assert any(
+            prefix.startswith(seen) or seen.startswith(prefix) for seen in judge.seen
+        )
+
+
+def test_verified_corrections_and_refusal_stop(corrector) -> None:
+    def strict(question: str, answer: str) -> float:
+        return 0.97 if SECRET in answer or "BAD" in answer else 0.02
+
+    s = AlignerRunnable(
+        classifier=RunnableClassifier(strict),
+        corrector=corrector,
+        policy=RoutingPolicy(
+            stream="sentence", refuse_at=0.95, refusal_message="No more."
+        ),
+    )
+    chunks = list(s.stream({"question": "How?", "answer": ANSWER}))
+    text = "".join(c.content for c in chunks)
+    assert text == "Sure, here is how. First, gather materials. No more."
+    record = chunks[-1].response_metadata["aligner"]
+    assert record["route"] == "refuse" and record["original_answer"] == ANSWER
+
+
+def test_fallback_raise_in_stream(corrector) -> None:
+    s = AlignerRunnable(
+        classifier=RunnableClassifier(lambda q, a: 0.9),
+        corrector=corrector,
+        policy=RoutingPolicy(stream="sentence", fallback="raise"),
+    )
+    released: list[str] = []
+    with pytest.raises(RefusedError) as info:
+        released.extend(
+            c.content for c in s.stream({"question": "q", "answer": ANSWER})
+        )
+    assert released == [] and info.value.record.original_answer.startswith("Sure")
+
+
+def test_streams_from_an_upstream_chat_model(corrector) -> None:
+    judge = Judge()
+    upstream = GenericFakeChatModel(messages=iter([AIMessage(ANSWER)]))
+    chain = RunnableParallel(
+        question=itemgetter("question"), answer=itemgetter("question") | upstream
+    )
+    pipeline = chain | guarded(corrector, judge)
+    chunks = list(pipeline.stream({"question": "How?"}))
+    text = "".join(c.content for c in chunks)
+    assert SECRET not in text and "Then wait ten minutes." in text
+    assert len([c for c in chunks if c.content]) >= 4  # released sentence by sentence
+
+
+async def test_astream_events_and_async_stall(corrector) -> None:
+    judge = Judge()
+    s = guarded(corrector, judge, stream_max_ms=50)
+    custom = [
+        e
+        async for e in s.astream_events(
+            {"question": "q", "answer": ANSWER}, version="v2"
+        )
+        if e["event"] == "on_custom_event"
+    ]
+    assert [e["name"] for e in custom] == ["aligner_correction"]
+    assert SECRET not in custom[0]["data"]["text"]
+
+    async def slow_upstream(_: Any):
+        yield {"question": "q"}
+        yield {"answer": "An unfinished thought"}
+        await asyncio.sleep(0.5)
+        yield {"answer": " that ends later."}
+
+    chain = RunnableLambda(slow_upstream) | s
+    arrivals: list[tuple[float, str]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async for chunk in chain.astream(None):
+        if chunk.content:
+            arrivals.append((loop.time() - start, chunk.content))
+    assert arrivals[0][1] == "An unfinished thought"
+    assert (
+        arrivals[0][0] < 0.45
+    )  # released at the hold-back limit, before the upstream resumed
+
+
+async def test_astream_matches_stream(corrector) -> None:
+    s = guarded(corrector, Judge())
+    x = {"question": "How?", "answer": ANSWER}
+    sync = "".join(c.content for c in s.stream(x))
+    assert "".join([c.content async for c in s.astream(x)]) == sync
+
+
+def test_tool_call_chunks_pass_through(corrector) -> None:
+    call = AIMessageChunk(
+        content="",
+        tool_call_chunks=[{"name": "t", "args": "{}", "id": "1", "index": 0}],
+    )
+    chunks = list(guarded(corrector, Judge()).stream({"question": "q", "answer": call}))
+    assert chunks[-1].tool_call_chunks and "aligner" not in chunks[-1].response_metadata
+
+
+def test_empty_or_questionless_streams_are_typed_errors(corrector) -> None:
+    from aligner_chain import InputError
+
+    with pytest.raises(InputError):
+        list(guarded(corrector, Judge()).stream({"question": "q", "answer": "  "}))
+    with pytest.raises(InputError):
+        list(guarded(corrector, Judge()).stream({"answer": "text"}))
