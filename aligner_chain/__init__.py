@@ -18,6 +18,7 @@ from aligner_chain.errors import (
     ModelLoadError,
     RefusedError,
 )
+from aligner_chain.graph import AlignerNode, AlignerStageError, add_aligner_step, aligner_node
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.routing import Bands, RoutingPolicy
 from aligner_chain.runnable import AlignerRunnable
@@ -27,7 +28,9 @@ from aligner_chain.types import Correction, QAPair, Verdict
 __all__ = [
     "PRESETS",
     "AlignerError",
+    "AlignerNode",
     "AlignerRunnable",
+    "AlignerStageError",
     "BackpressureError",
     "Bands",
     "CascadeClassifier",
@@ -50,4 +53,6 @@ __all__ = [
     "SequenceClassifier",
     "TransformersCorrector",
     "Verdict",
+    "add_aligner_step",
+    "aligner_node",
 ]
