@@ -330,6 +330,16 @@ def test_fallback_raise_and_bad_rules_propagate() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("on_error", "expected"), [("fail_open", "meh"), ("fail_closed", DEFAULT_REFUSAL)]
+)
+def test_an_unexpected_error_goes_through_the_error_handler(on_error: str, expected: str) -> None:
+    step = aligner(rule=lambda p, v, r: 1 / 0, on_error=on_error)
+    out = chat_graph(upstream("meh"), step).invoke({"messages": [HumanMessage("q")]})
+    last = out["messages"][-1]
+    assert last.text == expected and "ZeroDivisionError" in meta(last)["errors"][0]
+
+
 # -- checkpointer ------------------------------------------------------------------------------
 
 
