@@ -1,5 +1,6 @@
 """aligner-chain: an Aligner correction step after any LLM call in LangChain and LangGraph."""
 
+from aligner_chain.chat_model import AlignedChatModel, with_aligner
 from aligner_chain.classifiers import (
     CascadeClassifier,
     GuardModelClassifier,
@@ -27,6 +28,7 @@ from aligner_chain.types import Correction, QAPair, Verdict
 
 __all__ = [
     "PRESETS",
+    "AlignedChatModel",
     "AlignerError",
     "AlignerNode",
     "AlignerRunnable",
@@ -55,4 +57,5 @@ __all__ = [
     "Verdict",
     "add_aligner_step",
     "aligner_node",
+    "with_aligner",
 ]

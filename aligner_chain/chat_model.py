@@ -1,0 +1,330 @@
+"""``AlignedChatModel``: any chat model with the Aligner step inside its own run.
+
+The inner model's answer is judged, and corrected, re-asked or refused, before the wrapper
+returns or streams anything. The inner call and the Aligner's stages run as child runs tagged
+``nostream`` and detached from streaming callback handlers, so LangGraph's
+``stream_mode="messages"`` and ``astream_events`` carry only the final answer. This is the
+no-leak surface: ``AlignerMiddleware`` and the LangGraph node stream the raw tokens first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.tools import BaseTool
+
+# Marker types of the handlers behind astream_events, stream_events(v3) and LangGraph's
+# messages/tools streams; langchain-core keeps them stable for LangGraph's use.
+from langchain_core.tracers._streaming import (
+    _StreamingCallbackHandler,
+    _V2StreamingCallbackHandler,
+)
+from langchain_core.utils.utils import LC_ID_PREFIX
+from langgraph.constants import TAG_NOSTREAM
+from pydantic import ConfigDict, Field
+
+from aligner_chain.errors import ConfigurationError, InputError
+from aligner_chain.inputs import parse_messages
+from aligner_chain.record import DecisionRecord, Route
+from aligner_chain.runnable import AlignerRunnable
+
+_PARTS = ("classifier", "corrector", "policy", "rule", "recorder")
+
+
+class AlignedChatModel(BaseChatModel):
+    """A chat model whose answers pass through the Aligner step before anyone sees them.
+
+    Build it with ``AlignedChatModel(llm=chat_model, aligner=AlignerRunnable(...))`` or with the
+    aligner's parts (``classifier=``, ``corrector=``, ``policy=``, ``rule=``, ``recorder=``),
+    or with :func:`with_aligner`.
+
+    - Every answer without tool calls carries its decision record in
+      ``response_metadata["aligner"]``, with the inner model's original answer in it.
+      Tool-call turns are returned untouched: they are steps, not answers.
+    - A re-ask calls the inner model again (with its bound tools and call options) on the
+      conversation plus the policy's feedback; the aligner's own ``upstream`` is replaced by it.
+    - ``bind_tools`` binds the tools to the inner model; ``with_structured_output`` is the inner
+      model's own and is not corrected (rewriting a schema-bound answer would break it).
+    - Streaming releases nothing before the verdict; a correction streams token by token when
+      the policy does not verify it, otherwise it arrives in one piece.
+    - Bad input: an empty message list raises :class:`InputError` before the inner call. An
+      answer the aligner cannot judge (no human turn before it, no text in the question or
+      the answer) follows ``policy.on_error``: ``fail_open`` returns it unchanged,
+      ``fail_closed`` refuses; its record (route ``passthrough``/``refuse``) holds the original
+      and the reason. Errors raised by the inner model propagate unchanged.
+
+    Tracing: under ``invoke``/``ainvoke`` the inner run nests under this model's run. Under
+    ``stream`` langchain-core gives ``_stream`` no run manager, so the inner run nests under
+    the caller's run (the LangGraph node) instead.
+    """
+
+    llm: BaseChatModel
+    """The model that writes the answers."""
+    aligner: AlignerRunnable
+    """The Aligner step that judges them."""
+    bound_llm: Runnable | None = Field(default=None, exclude=True)
+    """``llm`` with tools bound, set by :meth:`bind_tools`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Parts are accepted for convenience; mixing them with a built aligner is ambiguous.
+        parts = {k: kwargs.pop(k) for k in _PARTS if k in kwargs}
+        if kwargs.get("aligner") is None:
+            kwargs["aligner"] = AlignerRunnable(**{k: v for k, v in parts.items() if v is not None})
+        elif parts:
+            raise ConfigurationError(
+                f"pass an AlignerRunnable or its parts, not both: {sorted(parts)}"
+            )
+        super().__init__(**kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "aligned-chat-model"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"llm_type": self.llm._llm_type, "llm": dict(self.llm._identifying_params)}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        # The inner run reports the real provider; a different provider here keeps tracing
+        # tools from pricing the same tokens twice.
+        params = self.llm._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "aligner"
+        model = kwargs.get("model")
+        if isinstance(model, str):
+            params["ls_model_name"] = model
+        params.setdefault("ls_model_name", self.llm.get_name())
+        return params
+
+    # -- tools and structured output ---------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools to the inner model, in its own provider format; the wrapper stays outside
+        so tool-call turns pass through and final answers are still aligned."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        bound = self.llm.bind_tools(tools, **kwargs)
+        return self.model_copy(update={"bound_llm": bound}).bind()
+
+    def with_structured_output(
+        self, schema: dict[str, Any] | type, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, Any]:
+        """The inner model's structured output, uncorrected: the Aligner rewrites prose."""
+        return self.llm.with_structured_output(schema, include_raw=include_raw, **kwargs)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        upstream, config = self._start(messages, stop, kwargs, run_manager)
+        answer = upstream.invoke(messages, config)
+        final = self._settled(messages, answer)
+        if final is None:
+            final = self._aligner(upstream).invoke([*messages, answer], config)
+        return _result(final, answer)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        upstream, config = self._start(messages, stop, kwargs, run_manager)
+        answer = await upstream.ainvoke(messages, config)
+        final = self._settled(messages, answer)
+        if final is None:
+            final = await self._aligner(upstream).ainvoke([*messages, answer], config)
+        return _result(final, answer)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # No callbacks fired here: BaseChatModel reports every yielded chunk itself.
+        upstream, config = self._start(messages, stop, kwargs, run_manager)
+        answer = upstream.invoke(messages, config)
+        final = self._settled(messages, answer)
+        if final is not None:
+            yield ChatGenerationChunk(message=_as_chunk(final))
+            return
+        streamed = False
+        for chunk in self._aligner(upstream).stream([*messages, answer], config):
+            yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
+            streamed = True
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        upstream, config = self._start(messages, stop, kwargs, run_manager)
+        answer = await upstream.ainvoke(messages, config)
+        final = self._settled(messages, answer)
+        if final is not None:
+            yield ChatGenerationChunk(message=_as_chunk(final))
+            return
+        streamed = False
+        async for chunk in self._aligner(upstream).astream([*messages, answer], config):
+            yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
+            streamed = True
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _start(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+    ) -> tuple[Runnable, RunnableConfig]:
+        """The inner model with this call's options bound (a re-ask reuses them), and the
+        config that hides its run from streams."""
+        if not messages:
+            raise InputError("the message list is empty")
+        inner = self.bound_llm if self.bound_llm is not None else self.llm
+        upstream = inner.bind(stop=stop, **kwargs) if stop or kwargs else inner
+        return upstream, _hidden_config(run_manager)
+
+    def _aligner(self, upstream: Runnable) -> AlignerRunnable:
+        return self.aligner.model_copy(update={"upstream": upstream})
+
+    def _settled(self, messages: list[BaseMessage], answer: AIMessage) -> AIMessage | None:
+        """The final message when the Aligner has nothing to judge, else None."""
+        if answer.tool_calls or answer.invalid_tool_calls:
+            return answer
+        try:
+            parse_messages([*messages, answer])
+        except InputError as exc:
+            return self._unjudged(messages, answer, exc)
+        return None
+
+    def _unjudged(
+        self, messages: list[BaseMessage], answer: AIMessage, exc: InputError
+    ) -> AIMessage:
+        """Apply ``policy.on_error`` to an answer the step cannot judge, keeping it recorded."""
+        policy = self.aligner.policy
+        refuse = policy.on_error == "fail_closed"
+        human = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+        record = DecisionRecord(
+            route=Route.REFUSE if refuse else Route.PASSTHROUGH,
+            initial_route=Route.PASSTHROUGH,
+            mode=policy.mode,
+            question=human.text if human is not None else "",
+            original_answer=answer.text,
+            final_answer=policy.refusal_message if refuse else answer.text,
+            fallback="refuse" if refuse else None,
+            changed=refuse,
+            errors=[f"input: {exc}"],
+            notes=[] if refuse else ["fail_open: kept the original answer"],
+        )
+        self.aligner._record([record])
+        meta = {**answer.response_metadata, "aligner": record.to_metadata()}
+        content = record.final_answer if refuse else answer.content
+        return answer.model_copy(update={"content": content, "response_metadata": meta})
+
+
+def with_aligner(llm: BaseChatModel, **options: Any) -> AlignedChatModel:
+    """``llm`` wrapped with the Aligner step; ``options`` are :class:`AlignedChatModel`'s
+    (``aligner=`` or its parts, plus any chat model field such as ``tags``)."""
+    return AlignedChatModel(llm=llm, **options)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _hidden_config(
+    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+) -> RunnableConfig:
+    """A child config whose runs no client stream sees: tagged ``nostream`` (LangGraph's
+    messages stream skips such model runs) and without streaming handlers (``astream_events``
+    does not filter tags, and a raw answer also shows in chain inputs). Tracers are kept."""
+    if run_manager is None:
+        manager = CallbackManager.configure(ensure_config().get("callbacks"))
+    else:
+        # An LLM run manager has no get_child(); this is what get_child() builds.
+        manager = CallbackManager(handlers=[], parent_run_id=run_manager.run_id)
+        manager.set_handlers(run_manager.inheritable_handlers)
+        manager.add_tags(run_manager.inheritable_tags)
+        manager.add_metadata(run_manager.inheritable_metadata)
+    for handler in [*manager.handlers, *manager.inheritable_handlers]:
+        if isinstance(handler, (_StreamingCallbackHandler, _V2StreamingCallbackHandler)):
+            manager.remove_handler(handler)
+    return {"callbacks": manager, "tags": [TAG_NOSTREAM]}
+
+
+def _own(message: AIMessage, answer: AIMessage, *, restore: bool = True) -> AIMessage:
+    """Drop the inner run's id (the wrapper run assigns its own; provider ids are kept), and
+    with ``restore`` keep the original content blocks of an answer that was not changed."""
+    update: dict[str, Any] = {}
+    if message.id and message.id.startswith(LC_ID_PREFIX):
+        update["id"] = None
+    record = message.response_metadata.get("aligner")
+    if restore and record is not None and not record["changed"]:
+        update["content"] = answer.content
+    return message.model_copy(update=update) if update else message
+
+
+def _result(final: AIMessage, answer: AIMessage) -> ChatResult:
+    return ChatResult(generations=[ChatGeneration(message=_own(final, answer))])
+
+
+def _chunk(chunk: AIMessageChunk, answer: AIMessage, streamed: bool) -> AIMessageChunk:
+    """A chunk of the aligner's stream, as this model's; the last one carries the inner
+    model's usage (and the original content when nothing was streamed before it)."""
+    if chunk.chunk_position != "last":
+        return chunk
+    own = _own(chunk, answer, restore=not streamed)
+    return own.model_copy(update={"usage_metadata": answer.usage_metadata})
+
+
+def _as_chunk(message: AIMessage) -> AIMessageChunk:
+    """A whole message as one final chunk, tool calls included (as tool-call chunks)."""
+    calls = [
+        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+        for i, c in enumerate(message.tool_calls)
+    ]
+    calls += [
+        tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
+        for i, c in enumerate(message.invalid_tool_calls)
+    ]
+    own_id = message.id and not message.id.startswith(LC_ID_PREFIX)
+    return AIMessageChunk(
+        content=message.content,
+        id=message.id if own_id else None,
+        additional_kwargs=message.additional_kwargs,
+        response_metadata=message.response_metadata,
+        usage_metadata=message.usage_metadata,
+        tool_call_chunks=calls,
+        chunk_position="last",
+    )
