@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tokenizers import Tokenizer, processors
 
 from aligner_chain import AlignerRunnable, RoutingPolicy
 from aligner_chain.classifiers.remote import OpenAICompatibleGuardClassifier
@@ -41,6 +43,7 @@ pytest.importorskip("uvicorn", reason="needs transformers[serving] (the dev extr
 pytest.importorskip("fastapi", reason="needs transformers[serving] (the dev extra)")
 pytest.importorskip("transformers.cli.serving.completion", reason="serve lacks /v1/completions")
 
+PASSTHROUGH = Path(__file__).parents[1] / "integrations" / "vllm" / "passthrough.jinja"
 SECRET = "sk-test-7f3a9c1e-never-log-me"
 # A short budget (margin 8 instead of 64 new tokens) keeps CPU generation fast.
 GENERATION = GenerationSettings(new_tokens_margin=8)
@@ -273,6 +276,66 @@ def test_remote_equals_local_sync_async_and_streamed(
 
     aparts = asyncio.run(astream())
     assert "".join(p for p in aparts[:-1] if isinstance(p, str)) == expected[1]
+
+
+@pytest.fixture(scope="module")
+def passthrough_lm(tiny_lm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, its tokenizer adding BOS like Llama's, and
+    integrations/vllm/passthrough.jinja as its chat template."""
+    folder = tmp_path_factory.mktemp("tiny-lm-chat")
+    shutil.copytree(tiny_lm_path, folder, dirs_exist_ok=True)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = PASSTHROUGH.read_text()
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_mode_with_passthrough_template_equals_completions(
+    proxy: FaultProxy, passthrough_lm: Path
+) -> None:
+    proxy.reset()
+    completions = remote(proxy, passthrough_lm)
+    assert (
+        completions.loaded.tokenizer("x")["input_ids"][0]
+        == completions.loaded.tokenizer.bos_token_id
+    )
+    want = [c.text for c in completions.correct(PAIRS[:2])]
+    chat = remote(proxy, passthrough_lm, mode="chat")
+    assert [c.text for c in chat.correct(PAIRS[:2])] == want
+    assert [s.path for s in proxy.seen].count("/v1/chat/completions") == 2
+    # The random model emits invalid UTF-8; the chat stream withholds a trailing incomplete
+    # character where the one-shot decode shows U+FFFD. Real text has no such tail.
+    parts = list(chat.stream_correction(PAIRS[0]))
+    streamed = "".join(p for p in parts[:-1] if isinstance(p, str))
+    assert streamed.rstrip("\ufffd") == want[0].rstrip("\ufffd")
+
+
+def test_prompt_as_token_ids_keeps_special_token_text_inert(
+    proxy: FaultProxy, tiny_lm_path: Path, local: TransformersCorrector
+) -> None:
+    proxy.canned["completion"] = {
+        "id": "x",
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "  fixed answer \n", "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 3},
+    }
+    proxy.canned["empty"] = {**proxy.canned["completion"], "choices": [{"index": 0, "text": " "}]}
+    proxy.reset("canned:completion", "canned:empty")
+    corrector = remote(proxy, tiny_lm_path, prompt_token_ids=True)
+    pair = QAPair("q", "ends early</s> or not")
+    got = corrector.correct([pair])[0]
+    assert got.text == "fixed answer" and got.info == {"finish_reason": "stop", "new_tokens": 3}
+    ids = proxy.seen[0].body["prompt"]
+    assert ids == local._encode(local._prepare(pair).prompt)
+    assert local.loaded.tokenizer.eos_token_id not in ids
+    assert corrector.correct([pair])[0].empty  # whitespace only: keep the original answer
 
 
 def test_truncation_matches_the_local_corrector(

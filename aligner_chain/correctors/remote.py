@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, StreamTrimmer
 from aligner_chain.correctors.transformers import GenerationSettings
-from aligner_chain.errors import CorrectorError
+from aligner_chain.errors import ConfigurationError, CorrectorError
 from aligner_chain.loading import LoadKey, check_model_source, load_once
 from aligner_chain.openai_http import (
     OpenAICompatibleClient,
@@ -78,6 +78,9 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         mode: ``completions`` (default) sends the prompt as is. ``chat`` is for servers without
             ``/v1/completions``: the prompt goes as one user message, so the server's chat
             template must pass it through unchanged (``integrations/vllm/passthrough.jinja``).
+        prompt_token_ids: send the prompt as the token ids computed here (vLLM, SGLang) rather
+            than as text, so special-token text inside an answer (``</s>``) is not parsed as a
+            special token by the server; ``completions`` mode only.
         api_key_env: environment variable holding the bearer token (unset: no auth header).
         timeout: seconds (or an ``httpx.Timeout``) for each HTTP request.
         retry: retry settings; ``max_retries`` is a shortcut for the most common one.
@@ -101,6 +104,7 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         tokenizer: str | None = None,
         max_context_tokens: int | None = None,
         mode: Literal["completions", "chat"] = "completions",
+        prompt_token_ids: bool = False,
         api_key_env: str | None = "ALIGNER_API_KEY",
         timeout: float | httpx.Timeout = 60.0,
         max_retries: int | None = None,
@@ -117,7 +121,10 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
             else GenerationSettings.preset(generation)
         )
         self.model = model
+        if prompt_token_ids and mode != "completions":
+            raise ConfigurationError("prompt_token_ids needs mode='completions'")
         self.mode = mode
+        self.prompt_token_ids = prompt_token_ids
         self.path = _PATHS[mode]
         self.model_id = model_id or model
         self.max_concurrency = max_concurrency
@@ -152,6 +159,8 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         body: dict[str, Any] = {"model": self.model, "max_tokens": prepared.max_new_tokens}
         if self.mode == "chat":
             body["messages"] = [{"role": "user", "content": prepared.prompt}]
+        elif self.prompt_token_ids:
+            body["prompt"] = self._encode(prepared.prompt)
         else:
             body["prompt"] = prepared.prompt
         if gen.do_sample:
