@@ -1,5 +1,7 @@
 """aligner-chain: an Aligner correction step after any LLM call in LangChain and LangGraph."""
 
+from typing import Any
+
 from aligner_chain.chat_model import AlignedChatModel, with_aligner
 from aligner_chain.classifiers import (
     CascadeClassifier,
@@ -30,6 +32,7 @@ __all__ = [
     "PRESETS",
     "AlignedChatModel",
     "AlignerError",
+    "AlignerMiddleware",
     "AlignerNode",
     "AlignerRunnable",
     "AlignerStageError",
@@ -59,3 +62,12 @@ __all__ = [
     "aligner_node",
     "with_aligner",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # AlignerMiddleware needs langchain (the optional "agents" extra): imported on first use.
+    if name == "AlignerMiddleware":
+        from aligner_chain.middleware import AlignerMiddleware
+
+        return AlignerMiddleware
+    raise AttributeError(f"module 'aligner_chain' has no attribute {name!r}")
