@@ -256,3 +256,26 @@ def test_transformers_corrector_coalesces_concurrent_calls(tiny_lm_path: Path) -
         del model.generate
     assert [r[0].text for r in results] == expected
     assert calls < len(pairs), f"{calls} generate calls for {len(pairs)} concurrent requests"
+
+
+def test_model_classifiers_coalesce_concurrent_calls(
+    tiny_seqcls_path: Path, tiny_guard_path: Path
+) -> None:
+    from aligner_chain.classifiers import GuardModelClassifier, SequenceClassifier
+
+    pairs = [QAPair(f"Question {i}?", f"Answer number {i}.") for i in range(6)]
+    config = BatchingConfig(max_batch_size=6, max_wait_ms=100)
+    for cls, path in (
+        (SequenceClassifier, tiny_seqcls_path),
+        (GuardModelClassifier, tiny_guard_path),
+    ):
+        alone = cls(str(path), device="cpu", batching=False)
+        expected = [alone.classify([p])[0].score for p in pairs]
+        shared = cls(str(path), device="cpu", batching=config)
+
+        async def run(clf: object = shared) -> list[list[object]]:
+            return await asyncio.gather(*(clf.ainvoke([p]) for p in pairs))  # type: ignore[attr-defined]
+
+        results = asyncio.run(run())
+        assert [r[0].score for r in results] == pytest.approx(expected, abs=1e-5)
+        assert shared.batcher.stats.batches < len(pairs)  # type: ignore[union-attr]

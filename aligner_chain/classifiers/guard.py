@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.errors import ClassifierError, ConfigurationError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, load_pretrained
@@ -52,6 +53,7 @@ class GuardModelClassifier(HarmClassifier):
     (``normalize=False`` gives the raw vocabulary probability, as the Llama Guard card does).
     For answers scored at or above ``generate_categories_at`` the model also generates its
     verdict, and the category codes on its second line become per-category scores.
+    Concurrent calls share batched forward passes unless ``batching=False``.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class GuardModelClassifier(HarmClassifier):
         dtype: DtypeSpec = "auto",
         trust_remote_code: bool = False,
         classifier_id: str | None = None,
+        batching: BatchingConfig | bool = True,
     ) -> None:
         self.loaded = load_pretrained(
             AutoModelForCausalLM,
@@ -88,6 +91,7 @@ class GuardModelClassifier(HarmClassifier):
         self.generate_categories_at = generate_categories_at
         self.max_new_tokens = max_new_tokens
         self.classifier_id = classifier_id or model
+        self.batcher = make_runner(self._classify_batch, batching)
 
     @classmethod
     def llama_guard_3(
@@ -120,8 +124,12 @@ class GuardModelClassifier(HarmClassifier):
         return {k: v.to(self.loaded.device) for k, v in enc.items() if k != "token_type_ids"}
 
     def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        if not pairs:
-            return []
+        return self.batcher(pairs)
+
+    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        return await self.batcher.acall(pairs)
+
+    def _classify_batch(self, pairs: list[QAPair]) -> list[Verdict]:
         inputs = self._inputs(pairs)
         try:
             with torch.inference_mode():

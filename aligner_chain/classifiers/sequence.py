@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.errors import ClassifierError, ConfigurationError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, load_pretrained
@@ -45,6 +46,8 @@ class SequenceClassifier(HarmClassifier):
         input_template: a format string with ``{question}`` and ``{answer}`` building one text;
             ``None`` feeds question and answer as a text pair.
         max_length: tokens per input; longer inputs keep the *end* of the answer.
+        batching: coalesce concurrent calls into shared forward passes
+            (:class:`~aligner_chain.batching.BatchingConfig`); ``False`` runs each call alone.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SequenceClassifier(HarmClassifier):
         dtype: DtypeSpec = "auto",
         trust_remote_code: bool = False,
         classifier_id: str | None = None,
+        batching: BatchingConfig | bool = True,
     ) -> None:
         self.loaded = load_pretrained(
             AutoModelForSequenceClassification,
@@ -81,6 +85,7 @@ class SequenceClassifier(HarmClassifier):
         self.input_template = input_template
         self.max_length = max_length
         self.classifier_id = classifier_id or model
+        self.batcher = make_runner(self._classify_batch, batching)
 
     @classmethod
     def beaver_dam(
@@ -120,8 +125,12 @@ class SequenceClassifier(HarmClassifier):
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
     def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        if not pairs:
-            return []
+        return self.batcher(pairs)
+
+    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        return await self.batcher.acall(pairs)
+
+    def _classify_batch(self, pairs: list[QAPair]) -> list[Verdict]:
         try:
             with torch.inference_mode():
                 logits = self.loaded.model(**self._encode(pairs)).logits.float()
