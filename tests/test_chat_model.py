@@ -265,6 +265,11 @@ async def test_astream_events_never_show_the_raw_answer() -> None:
     )
     assert streamed == "[ALIGNED] RAW-cake instructions"
     assert not any(e["name"] in ("AlignerRunnable", "ScriptedChat") for e in events)
+    direct = [e async for e in wrapped(RAW).astream_events("How?", version="v2")]
+    assert {e["name"] for e in direct} == {"AlignedChatModel"}
+    assert RAW not in "".join(
+        e["data"]["chunk"].text for e in direct if e["event"] == "on_chat_model_stream"
+    )
 
 
 class RunLog(BaseCallbackHandler):

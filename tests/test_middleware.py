@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain_core.messages import HumanMessage, RemoveMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, SystemMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from surface_fakes import RAW, ScriptedChat, aligner, scripted, tool_call
@@ -141,6 +141,11 @@ def test_unjudgeable_answers_follow_on_error_and_stay_recorded(messages: list[An
     mw = AlignerMiddleware(aligner(on_error="fail_closed"))
     closed = ask(agent(scripted(RAW), mw), messages)[-1]
     assert closed.text == DEFAULT_REFUSAL and rec(closed)["original_answer"] == RAW
+
+
+def test_an_answer_without_text_passes_with_a_record() -> None:
+    final = ask(agent(scripted(AIMessage([IMAGE])), AlignerMiddleware(aligner())))[-1]
+    assert final.content == [IMAGE] and rec(final)["route"] == "passthrough"
 
 
 def test_multimodal_question_is_judged_on_its_text() -> None:
