@@ -1,0 +1,130 @@
+"""Shared plumbing of the performance benchmarks: timing, machine description, JSON output.
+
+The machine these run on is shared and noisy, so every figure is a ratio of two variants timed
+in the same run, interleaved (A B B A ...), and reported as the median over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the seeded test models
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / default_out)
+    return p
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
+    """Seconds per run of each variant; the order alternates each run so drift hits both."""
+    names = list(variants)
+    for fn in variants.values():  # warm-up: lazy imports, caches, thread start
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Per-run ratios (runs are paired, so machine drift cancels within each)."""
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def machine() -> dict[str, Any]:
+    import langchain_core
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "langchain_core": langchain_core.__version__,
+        },
+    }
+
+
+def write(out: Path, figures: dict[str, Any], config: dict[str, Any], started: float) -> None:
+    """Write the result JSON with the machine, its load, and this process's peak memory."""
+    payload = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "load_average_at_end": os.getloadavg(),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": machine(),
+        "config": config,
+        "figures": figures,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(json.dumps(figures, indent=2, default=str))
+    print(f"written to {out}")
+
+
+def model_path(given: Path | None) -> str:
+    """The model to measure: ``given``, else the seeded tiny Llama of the tests."""
+    if given is not None:
+        return str(given)
+    import tempfile
+
+    import tiny_models
+
+    return str(tiny_models.build_causal_lm(Path(tempfile.mkdtemp(prefix="bench-tiny-lm-"))))
+
+
+def pairs(n: int) -> list[Any]:
+    """``n`` distinct (question, answer) pairs of varied length."""
+    from aligner_chain import QAPair
+
+    topics = ["bread", "Paris", "a fox", "Python", "the sea", "tea", "chess", "rain"]
+    return [
+        QAPair(
+            f"Tell me about {topics[i % len(topics)]}, please ({i}).",
+            " ".join(
+                f"Fact {j} about {topics[i % len(topics)]}: it is worth knowing."
+                for j in range(1 + i % 4)
+            ),
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,244 @@
+"""Copy-aware decoding: speed-up over plain greedy ``generate`` on real Aligner corrections.
+
+    python benchmarks/copy_decoding.py                 # --data-dir ../shared/data --size small
+    python benchmarks/copy_decoding.py --model <dir>   # a real (trained) Aligner instead
+
+Data: the Aligner-2B question/original/correction triples of AlpacaEval
+(``alpaca_eval_aligner2b``). A correction's *copy share* is the fraction of its tokens inside a
+token 3-gram that also occurs in the original answer. Subsets: ``copy_heavy`` (share >= 0.8),
+``rewrite_heavy`` (share <= 0.2) and ``real_mix`` (a seeded random sample of all triples).
+
+Model: without ``--model``, a random Llama of the chosen size *replays* the real correction:
+its forward pass is the real computation, and the token it picks greedily at each position is
+the one Aligner-2B wrote there. Its drafts are therefore accepted or rejected exactly as they
+would be for Aligner-2B's output, at this model's cost per forward pass, and every correction
+is decoded to the end. A random model cannot copy by itself, and a tiny model trained for
+minutes on CPU rewrites nothing like a real Aligner does. With ``--model`` the model's own
+greedy output is decoded instead (e.g. the embedded mini Aligner).
+
+Both variants run through ``TransformersCorrector.correct`` of one pair (copy drafts on and
+off), interleaved; outputs must be identical. Corrections are capped at ``--max-new-tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from _bench import ROOT, interleaved, median, parser, ratios, write
+
+SIZES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2},
+    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4},
+    "medium": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8},
+}
+TEMPLATE = "aligner-revision"  # the prompt the AlpacaEval Aligner-2B runs used
+
+
+def load_triples(data_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted((data_dir / "alpaca_eval_aligner2b").glob("*.json")):
+        rows += json.loads(path.read_text())
+    return [r for r in rows if r["original_output"].strip() and r["output"].strip()]
+
+
+def build_tokenizer(texts: list[str], out: Path) -> Any:
+    """A byte-level BPE with 8k tokens trained on the texts, so answers have realistic lengths."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=8000,
+        special_tokens=list(special.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_replay_model(tokenizer: Any, size: str, out: Path) -> type:
+    """Save a random Llama of ``size`` to ``out``; return its replaying subclass."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class ReplayLlama(LlamaForCausalLM):
+        """Real forward passes; the greedy choice at each position is the scripted token."""
+
+        script: ClassVar[list[int]] = []
+        prompt_len: ClassVar[int] = 0
+
+        def forward(self, input_ids: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+            out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+            total = past + input_ids.shape[1]
+            width = out.logits.shape[1]
+            for i in range(width):
+                j = total - width + i + 1 - self.prompt_len  # script index predicted here
+                if 0 <= j < len(self.script):
+                    out.logits[:, i, self.script[j]] += 1e4
+            return out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SIZES[size],
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return ReplayLlama
+
+
+def copy_share(original: list[int], correction: list[int], n: int = 3) -> float:
+    """Fraction of the correction's tokens inside an n-gram that also occurs in the original."""
+    grams = {tuple(original[i : i + n]) for i in range(len(original) - n + 1)}
+    covered = [False] * len(correction)
+    for i in range(len(correction) - n + 1):
+        if tuple(correction[i : i + n]) in grams:
+            covered[i : i + n] = [True] * n
+    return sum(covered) / max(1, len(correction))
+
+
+def main() -> None:
+    p = parser(__doc__ or "", "copy_decoding.json")
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--model", type=Path, default=None, help="a real model folder (no replay)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--examples", type=int, default=8, help="triples per subset")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    started = time.time()
+
+    import torch
+
+    from aligner_chain import QAPair, TransformersCorrector
+    from aligner_chain.correctors.copy_decoding import copy_greedy_generate
+    from aligner_chain.correctors.transformers import GenerationSettings
+
+    torch.set_num_threads(args.threads)
+    triples = load_triples(args.data_dir)
+    work = Path(tempfile.mkdtemp(prefix="bench-copy-"))
+    replay = None
+    if args.model is None:
+        texts = [t[k] for t in triples for k in ("instruction", "original_output", "output")]
+        tokenizer = build_tokenizer(texts, work)
+        replay = build_replay_model(tokenizer, args.size, work)
+    path = str(args.model or work)
+    cap = GenerationSettings(max_new_tokens_cap=args.max_new_tokens)
+    copying = TransformersCorrector(path, template=TEMPLATE, generation=cap, batching=False)
+    plain = TransformersCorrector(
+        path,
+        template=TEMPLATE,
+        generation=cap.model_copy(update={"copy_drafts": False}),
+        batching=False,
+    )
+    tok = copying.loaded.tokenizer
+    if replay is not None:
+        model = replay.from_pretrained(work).eval()
+        copying.loaded = plain.loaded = replace(copying.loaded, model=model)
+    model = copying.loaded.model
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    shares = [copy_share(ids(t["original_output"]), ids(t["output"])) for t in triples]
+    rng = random.Random(args.seed)
+    pool = list(zip(triples, shares))
+    subsets = {
+        "copy_heavy": [t for t, s in pool if s >= 0.8],
+        "rewrite_heavy": [t for t, s in pool if s <= 0.2],
+        "real_mix": [t for t, _ in pool],
+    }
+    subsets = {k: rng.sample(v, min(args.examples, len(v))) for k, v in subsets.items()}
+
+    def select(triple: dict[str, str]) -> tuple[QAPair, list[int]]:
+        pair = QAPair(triple["instruction"], triple["original_output"])
+        script = [*ids(triple["output"])[: args.max_new_tokens], tok.eos_token_id]
+        return pair, script
+
+    def run(corrector: TransformersCorrector, items: list[tuple[QAPair, list[int]]]) -> list[str]:
+        texts = []
+        for pair, script in items:
+            if replay is not None:
+                model.script = script
+                model.prompt_len = len(ids(corrector._prepare(pair).prompt))
+            texts.append(corrector.correct([pair])[0].text)
+        return texts
+
+    figures: dict[str, Any] = {
+        "copy_share_all_triples": {
+            "median": round(median(shares), 3),
+            "mean": round(sum(shares) / len(shares), 3),
+            "share_ge_0.8": round(sum(s >= 0.8 for s in shares) / len(shares), 3),
+            "identical": round(
+                sum(t["output"] == t["original_output"] for t in triples) / len(triples), 3
+            ),
+        }
+    }
+    for name, chosen in subsets.items():
+        items = [select(t) for t in chosen]
+        assert run(copying, items) == run(plain, items), f"{name}: outputs differ"
+        passes = tokens = drafted = accepted = 0
+        for pair, script in items:
+            prepared = copying._prepare(pair)
+            inputs = copying._tokenize_batch([prepared.prompt])
+            if replay is not None:
+                model.script, model.prompt_len = script, inputs["input_ids"].shape[1]
+            with torch.inference_mode():
+                new, stats = copy_greedy_generate(
+                    model,
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
+                    max_new_tokens=prepared.max_new_tokens,
+                    eos_ids=copying._eos_ids,
+                )
+            passes, tokens = passes + stats.forward_passes, tokens + len(new)
+            drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+        times = interleaved(
+            {"plain": lambda i=items: run(plain, i), "copy": lambda i=items: run(copying, i)},
+            args.runs,
+        )
+        speedups = ratios(times["plain"], times["copy"])
+        figures[name] = {
+            "examples": len(items),
+            "new_tokens": tokens,
+            "copy_share_median": round(median([shares[triples.index(t)] for t in chosen]), 3),
+            "tokens_per_forward_pass": round(tokens / passes, 2),
+            "draft_acceptance": round(accepted / max(1, drafted), 3),
+            "plain_s": round(median(times["plain"]), 3),
+            "copy_s": round(median(times["copy"]), 3),
+            "speedup": round(median(speedups), 3),
+            "speedup_per_run": [round(s, 3) for s in speedups],
+            "identical_outputs": True,
+        }
+    config = {
+        "model": str(args.model or f"replay Llama ({args.size}: {SIZES[args.size]})"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": args.threads,
+        "examples": args.examples,
+        "max_new_tokens": args.max_new_tokens,
+        "runs": args.runs,
+        "seed": args.seed,
+    }
+    write(args.out, figures, config, started)
+
+
+if __name__ == "__main__":
+    main()

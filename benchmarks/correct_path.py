@@ -1,0 +1,91 @@
+"""Correct path: ``AlignerRunnable`` correcting one answer vs a bare ``model.generate``.
+
+    python benchmarks/correct_path.py   # --model <folder> (default: the tests' tiny Llama)
+
+Both decode the same prompt to the same number of tokens (the tiny model never emits EOS, so
+every call fills its budget; checked). ``runnable_plain`` uses plain ``generate`` inside
+(copy drafts and micro-batching off), so its excess over ``bare_generate`` is the plumbing:
+parsing, prompt preparation and tokenization, routing, records, child runs. Target: <= 5 %.
+``runnable_default`` is the shipped configuration (micro-batching with its 5 ms collection
+window, copy drafts on), for reference.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from _bench import interleaved, median, model_path, pairs, parser, ratios, write
+
+
+def main() -> None:
+    p = parser(__doc__ or "", "correct_path.json")
+    p.add_argument("--model", type=Path, default=None)
+    args = p.parse_args()
+    started = time.time()
+
+    import torch
+
+    from aligner_chain import AlignerRunnable, RoutingPolicy, TransformersCorrector
+    from aligner_chain.correctors.transformers import GenerationSettings
+
+    path = model_path(args.model)
+    plain = TransformersCorrector(
+        path, generation=GenerationSettings(copy_drafts=False), batching=False
+    )
+    default = TransformersCorrector(path)
+    policy = RoutingPolicy(mode="always", verify_after_correct=False)
+    runnable_plain = AlignerRunnable(corrector=plain, policy=policy)
+    runnable_default = AlignerRunnable(corrector=default, policy=policy)
+
+    pair = pairs(4)[3]
+    prepared = plain._prepare(pair)
+    inputs = plain._tokenize_batch([prepared.prompt])
+    kwargs = plain._generate_kwargs(prepared.max_new_tokens)
+    model = plain.loaded.model
+    value = {"question": pair.question, "answer": pair.answer}
+
+    def bare() -> int:
+        with torch.inference_mode():
+            out = model.generate(**inputs, **kwargs)
+        return out.shape[1] - inputs["input_ids"].shape[1]
+
+    n_bare = bare()
+    n_runnable = runnable_plain.invoke(value).response_metadata["aligner"]
+    correction = plain.correct([pair])[0]
+    assert n_bare == prepared.max_new_tokens == correction.info["new_tokens"], (
+        n_bare,
+        correction.info,
+    )
+    assert runnable_default.invoke(value).text == n_runnable["final_answer"]
+
+    times = interleaved(
+        {
+            "bare_generate": bare,
+            "runnable_plain": lambda: runnable_plain.invoke(value),
+            "corrector_plain": lambda: plain.correct([pair]),
+            "runnable_default": lambda: runnable_default.invoke(value),
+        },
+        args.runs,
+    )
+    overhead = [r - 1 for r in ratios(times["runnable_plain"], times["bare_generate"])]
+    figures = {
+        "new_tokens": n_bare,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "median_s": {k: round(median(v), 4) for k, v in times.items()},
+        "runnable_plain_overhead_pct": round(100 * median(overhead), 2),
+        "runnable_plain_overhead_pct_per_run": [round(100 * x, 2) for x in overhead],
+        "runnable_plain_overhead_ms": round(
+            1000 * (median(times["runnable_plain"]) - median(times["bare_generate"])), 2
+        ),
+        "runnable_default_speedup_vs_bare": round(
+            median(ratios(times["bare_generate"], times["runnable_default"])), 3
+        ),
+        "target_overhead_pct": 5.0,
+        "meets_target": median(overhead) <= 0.05,
+    }
+    write(args.out, figures, {"model": args.model or "tiny test Llama", "runs": args.runs}, started)
+
+
+if __name__ == "__main__":
+    main()
