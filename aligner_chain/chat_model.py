@@ -66,6 +66,10 @@ class AlignedChatModel(BaseChatModel):
       ``fail_closed`` refuses; its record (route ``passthrough``/``refuse``) holds the original
       and the reason. Errors raised by the inner model propagate unchanged.
 
+    Token usage is reported by the inner model's runs (callbacks, LangSmith), once per call
+    re-asks included; the final message carries no ``usage_metadata`` of its own, which would
+    count the same tokens twice.
+
     Tracing: under ``invoke``/``ainvoke`` the inner run nests under this model's run. Under
     ``stream`` langchain-core gives ``_stream`` no run manager, so the inner run nests under
     the caller's run (the LangGraph node) instead.
@@ -174,7 +178,7 @@ class AlignedChatModel(BaseChatModel):
         answer = upstream.invoke(messages, config)
         final = self._settled(messages, answer)
         if final is not None:
-            yield ChatGenerationChunk(message=_as_chunk(final))
+            yield ChatGenerationChunk(message=_as_chunk(_own(final, answer)))
             return
         streamed = False
         for chunk in self._aligner(upstream).stream([*messages, answer], config):
@@ -192,7 +196,7 @@ class AlignedChatModel(BaseChatModel):
         answer = await upstream.ainvoke(messages, config)
         final = self._settled(messages, answer)
         if final is not None:
-            yield ChatGenerationChunk(message=_as_chunk(final))
+            yield ChatGenerationChunk(message=_as_chunk(_own(final, answer)))
             return
         streamed = False
         async for chunk in self._aligner(upstream).astream([*messages, answer], config):
@@ -284,15 +288,17 @@ def _hidden_config(
 
 
 def _own(message: AIMessage, answer: AIMessage, *, restore: bool = True) -> AIMessage:
-    """Drop the inner run's id (the wrapper run assigns its own; provider ids are kept), and
-    with ``restore`` keep the original content blocks of an answer that was not changed."""
-    update: dict[str, Any] = {}
+    """``message`` as this model's: without the inner run's id (the wrapper run assigns its
+    own; provider ids are kept), without token usage (the inner runs report it, so repeating
+    it here would count the tokens twice), and with ``restore`` the original content blocks of
+    an answer that was not changed."""
+    update: dict[str, Any] = {"usage_metadata": None}
     if message.id and message.id.startswith(LC_ID_PREFIX):
         update["id"] = None
     record = message.response_metadata.get("aligner")
     if restore and record is not None and not record["changed"]:
         update["content"] = answer.content
-    return message.model_copy(update=update) if update else message
+    return message.model_copy(update=update)
 
 
 def _result(final: AIMessage, answer: AIMessage) -> ChatResult:
@@ -300,12 +306,11 @@ def _result(final: AIMessage, answer: AIMessage) -> ChatResult:
 
 
 def _chunk(chunk: AIMessageChunk, answer: AIMessage, streamed: bool) -> AIMessageChunk:
-    """A chunk of the aligner's stream, as this model's; the last one carries the inner
-    model's usage (and the original content when nothing was streamed before it)."""
+    """A chunk of the aligner's stream, as this model's (the last one restores the original
+    content when nothing was streamed before it)."""
     if chunk.chunk_position != "last":
         return chunk
-    own = _own(chunk, answer, restore=not streamed)
-    return own.model_copy(update={"usage_metadata": answer.usage_metadata})
+    return _own(chunk, answer, restore=not streamed)
 
 
 def _as_chunk(message: AIMessage) -> AIMessageChunk:
@@ -318,13 +323,11 @@ def _as_chunk(message: AIMessage) -> AIMessageChunk:
         tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
         for i, c in enumerate(message.invalid_tool_calls)
     ]
-    own_id = message.id and not message.id.startswith(LC_ID_PREFIX)
     return AIMessageChunk(
         content=message.content,
-        id=message.id if own_id else None,
+        id=message.id,
         additional_kwargs=message.additional_kwargs,
         response_metadata=message.response_metadata,
-        usage_metadata=message.usage_metadata,
         tool_call_chunks=calls,
         chunk_position="last",
     )

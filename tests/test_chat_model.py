@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, get_usage_metadata_callback
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -149,6 +149,18 @@ def test_failing_reask_keeps_the_answer_in_the_record() -> None:
     out = wrapped(RAW, ConnectionError("upstream down"), reask_at=0.9).invoke("How?")
     r = rec(out)
     assert r["original_answer"] == RAW and "upstream: ConnectionError: upstream down" in r["errors"]
+
+
+def test_token_usage_is_counted_once_per_inner_call() -> None:
+    usage = {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}
+    answers = [
+        AIMessage(a, usage_metadata=usage, response_metadata={"model_name": "m"})
+        for a in (RAW, "ok")
+    ]
+    model = AlignedChatModel(llm=scripted(*answers), aligner=aligner(reask_at=0.9))
+    with get_usage_metadata_callback() as counter:
+        out = model.invoke("How?")
+    assert out.usage_metadata is None and counter.usage_metadata["m"]["total_tokens"] == 16
 
 
 def test_inner_model_errors_propagate_unchanged() -> None:
