@@ -15,6 +15,8 @@ EXPECTED = {
     "lcel_chain.py": ["route=skip", "route=correct"],
     "own_graph.py": ["[reask]", "[skip] It is sunny in Paris today."],
     "guarded_rag.py": ["route=correct", "original='Mixing them"],
+    "chat_model_streaming.py": ["A: Tea is best brewed at 80 C.", "route=correct"],
+    "agent_middleware.py": [" tool [-] 12 ladders in stock", "   ai [correct]"],
 }
 
 
