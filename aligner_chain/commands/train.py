@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
-from aligner_chain.templates import DEFAULT_TEMPLATE
+from aligner_chain.errors import InputError
+
+# CLI flag -> TrainConfig field. Unset flags keep TrainConfig's (or the preset's) value.
+_OVERRIDES = {
+    "template": "template",
+    "warmup_share": "warmup_share",
+    "epochs": "epochs",
+    "lr": "learning_rate",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "max_length": "max_length",
+    "save_steps": "save_steps",
+    "max_steps": "max_steps",
+    "seed": "seed",
+    "device": "device",
+    "lora_r": "lora_r",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,29 +34,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Fine-tunes any causal LM to rewrite answers: identity warm-up on Q-A-A copies "
             "first, then Q-A-C; loss on the correction tokens only; the same prompt template "
-            "as inference. Checkpoints go to OUT/checkpoints; --resume continues from the last."
+            "as inference. Checkpoints go to OUT/checkpoints; --resume continues from the last. "
+            "--preset mini builds the shipped mini Aligner from the shared data instead."
         ),
     )
-    parser.add_argument(
-        "--data", type=Path, required=True, help="Q-A-C JSONL, a JSON list, or a correction log"
-    )
-    parser.add_argument("--model", required=True, help="the causal LM folder (or hub id)")
+    parser.add_argument("--data", type=Path, help="Q-A-C JSONL, a JSON list, or a correction log")
+    parser.add_argument("--model", help="the causal LM folder (or hub id) to fine-tune")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained model")
+    parser.add_argument("--preset", choices=["mini"], help="train the embedded mini Aligner")
     parser.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="prompt preset or format string"
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("ALIGNER_DATA_DIR", "../shared/data")),
+        help="the shared data, for --preset mini (default: $ALIGNER_DATA_DIR or %(default)s)",
     )
-    parser.add_argument("--warmup-share", type=float, default=0.2, help="share copied as Q-A-A")
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--lr", type=float, default=2e-5, help="learning rate")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=1024, help="longer examples are skipped")
-    parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
+    parser.add_argument(
+        "--template", help="prompt preset or format string (default: aligner-7b-v1.0)"
+    )
+    parser.add_argument("--warmup-share", type=float, help="share copied as Q-A-A (default 0.2)")
+    parser.add_argument("--epochs", type=float, help="passes over the data (default 3)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
+    parser.add_argument("--batch-size", type=int, help="examples per batch (default 4)")
+    parser.add_argument("--grad-accum", type=int, help="batches per optimizer step (default 1)")
+    parser.add_argument("--max-length", type=int, help="longer examples are skipped (default 1024)")
+    parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 200)")
     parser.add_argument("--max-steps", type=int, help="stop (resumably) after this step")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, ...")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto (GPU if present; default), cpu, cuda, ...")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
-    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -47,27 +71,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `aligner-chain --help` does not load torch.
     from aligner_chain.training.corrector import TrainConfig, train_corrector
-    from aligner_chain.training.data import read_qac
 
-    config = TrainConfig(
-        template=args.template,
-        warmup_share=args.warmup_share,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
-        save_steps=args.save_steps,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        device=args.device,
-        lora=args.lora,
-        lora_r=args.lora_r,
-    )
-    examples = read_qac(args.data)
-    result = train_corrector(
-        examples, args.model, args.out, config, resume=args.resume, progress=not args.no_progress
-    )
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
+    if args.lora:
+        overrides["lora"] = True
+    progress = not args.no_progress
+    if args.preset == "mini":
+        from aligner_chain.training.mini import MiniConfig, train_mini
+
+        if args.data or args.model:
+            raise InputError("--preset mini builds its own data and model: drop --data/--model")
+        preset = MiniConfig().train.model_dump()
+        config = MiniConfig(train=TrainConfig(**{**preset, **overrides}))
+        result, report = train_mini(
+            args.data_dir, args.out, config, resume=args.resume, progress=progress
+        )
+        if report is not None:
+            summary = {k: v for k, v in report.items() if k not in ("examples", "config")}
+            print(json.dumps(summary, indent=2), file=sys.stderr)
+    else:
+        from aligner_chain.training.data import read_qac
+
+        if args.data is None or args.model is None:
+            raise InputError("--data and --model are required (or use --preset mini)")
+        config = TrainConfig(**overrides)
+        result = train_corrector(
+            read_qac(args.data),
+            args.model,
+            args.out,
+            config,
+            resume=args.resume,
+            progress=progress,
+        )
     state = "finished" if result.finished else "stopped (resume with --resume)"
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     print(

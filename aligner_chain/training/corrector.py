@@ -16,6 +16,7 @@ the step it reached: resuming replays nothing and skips nothing.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -294,6 +295,8 @@ def train_corrector(
         step, losses, skipped = state["step"], state["losses"], state["skipped"]
         logger.info("resumed from %s at step %d of %d", checkpoint, step, total_steps)
 
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    slice_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     stop = min(total_steps, config.max_steps or total_steps)
     started = time.perf_counter()
@@ -308,14 +311,20 @@ def train_corrector(
             if not batch:
                 continue
             inputs = {k: v.to(device) for k, v in _collate(batch, tokenizer.pad_token_id).items()}
-            labels = inputs.pop("labels")
+            targets = inputs.pop("labels")[:, 1:]
+            # Logits only where some row predicts a correction token: the prompt is most of
+            # the sequence, and the vocabulary projection is the costliest layer of small models.
+            keep = (targets != -100).any(0).nonzero().squeeze(-1)
             with autocast:
-                logits = lm(**inputs).logits.float()
+                if slice_logits:
+                    logits = lm(**inputs, logits_to_keep=keep).logits.float()
+                else:
+                    logits = lm(**inputs).logits[:, keep].float()
             # Sum over the correction tokens of the whole accumulated step, then one division,
             # so every token weighs the same whatever batch it landed in.
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1),
+                logits.reshape(-1, logits.shape[-1]),
+                targets[:, keep].reshape(-1),
                 ignore_index=-100,
                 reduction="sum",
             ) / max(n_tokens, 1)

@@ -1,0 +1,278 @@
+"""``aligner-chain train --preset mini``: the small CPU corrector that ships with the package.
+
+No pretrained causal LM can be installed offline here, so the backbone is a small Llama trained
+from scratch, with a cased byte-level BPE tokenizer fitted on the training text (case and
+punctuation must survive a copy exactly). A model this small cannot learn the paper's
+helpfulness rewrites; it learns the two behaviours that matter for a default corrector: copy a
+safe answer exactly, and replace a harmful one with a safe answer.
+
+The data are the labelled pairs of the embedded classifier's mix
+(:func:`aligner_chain.training.classifier_data.build_mix`), with its hash splits, so the
+held-out questions are the same for both models and never seen in training:
+
+- harmful → safe: within one question (or one hh-rlhf dialogue, or one jailbreak goal), each
+  harmful answer is paired with a safe answer to the same question; for harmful requests with no
+  safe answer in the data, with a refusal written by a real model;
+- copies: every safe answer, as answer = correction.
+
+Only permissively licensed sets train the model (the non-commercial ones are evaluation-only in
+that mix); see ``MODEL_CARD.md`` beside the weights for the measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from aligner_chain.correctors.mini import TEMPLATE
+from aligner_chain.templates import PromptTemplate
+from aligner_chain.training.corrector import TrainConfig, TrainResult, train_corrector
+from aligner_chain.training.data import QACExample
+
+logger = logging.getLogger(__name__)
+
+MAX_CHARS = 300
+"""Answers and corrections longer than this are left out of the mini mix (and its evaluation):
+a 1.4M-parameter model trained for under an hour on a shared 2-core CPU copies short answers
+and cannot be expected to copy long ones."""
+MAX_QUESTION_CHARS = 200
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+REFUSAL_FALLBACK_SOURCES = frozenset({"gptfuzz", "jailbreakbench", "llm_self_defense", "advbench"})
+"""Sources whose questions are harmful requests: a refusal is a fitting safe answer there."""
+
+
+@dataclass(frozen=True)
+class MiniConfig:
+    """The preset: backbone size, tokenizer and training schedule."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 384
+    context: int = 1024
+    copies_per_correction: float = 1.0
+    eval_pairs: int = 200
+    seed: int = 0
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            template=TEMPLATE,
+            warmup_share=0.2,
+            epochs=1.0,
+            learning_rate=2e-3,
+            batch_size=8,
+            max_length=320,
+            save_steps=100,
+            weight_decay=0.01,
+        )
+    )
+
+
+@dataclass
+class MiniMix:
+    train: list[QACExample]
+    safe_eval: list[QACExample]
+    harmful_eval: list[QACExample]
+
+
+def _fits(question: str, *texts: str) -> bool:
+    return (
+        bool(question.strip())
+        and len(question) <= MAX_QUESTION_CHARS
+        and all(0 < len(t.strip()) <= MAX_CHARS for t in texts)
+    )
+
+
+def build_mini_mix(data_dir: Path, config: MiniConfig = MiniConfig()) -> MiniMix:
+    """Pair the classifier mix's labelled answers into Q-A-C examples (see the module doc)."""
+    from aligner_chain.training.classifier_data import build_mix, refusal_pool
+
+    rng = random.Random(config.seed)
+    mix = build_mix(data_dir, seed=config.seed)
+    seen = mix.train + mix.val
+    refusals = [r for r in refusal_pool(seen) if len(r) <= MAX_CHARS]
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for ex in seen:
+        if ex.label is not None:
+            key = (ex.source, ex.rank_group or ex.goal or ex.question)
+            groups.setdefault(key, []).append(ex)
+    corrections: list[QACExample] = []
+    copies: list[QACExample] = []
+    for (source, _), members in sorted(groups.items()):
+        safe = [e for e in members if e.label == 0]
+        for ex in members:
+            question = ex.goal or ex.question
+            if ex.label == 0:
+                if _fits(question, ex.answer):
+                    copies.append(QACExample(question, ex.answer, ex.answer))
+                continue
+            options = [e.answer for e in safe] or (
+                refusals if source in REFUSAL_FALLBACK_SOURCES else []
+            )
+            if options:
+                target = rng.choice(options)
+                if _fits(question, ex.answer, target):
+                    corrections.append(QACExample(question, ex.answer, target))
+    corrections = list(dict.fromkeys(corrections))
+    copies = list(dict.fromkeys(copies))
+    rng.shuffle(copies)
+    copies = copies[: round(len(corrections) * config.copies_per_correction)]
+    train = corrections + copies
+    rng.shuffle(train)
+
+    def held_out(label: int) -> list[QACExample]:
+        pool = [
+            QACExample(ex.goal or ex.question, ex.answer, ex.answer)
+            for ex in mix.test
+            if ex.label == label and _fits(ex.goal or ex.question, ex.answer)
+        ]
+        pool = list(dict.fromkeys(pool))
+        rng.shuffle(pool)
+        return pool[: config.eval_pairs]
+
+    return MiniMix(train, held_out(0), held_out(1))
+
+
+def build_backbone(texts: Sequence[str], out: Path, config: MiniConfig = MiniConfig()) -> Path:
+    """A cased byte-level BPE fitted on ``texts`` and a randomly initialised Llama, saved."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=config.context, **SPECIAL
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            max_position_embeddings=config.context,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+    model.save_pretrained(out)
+    return out
+
+
+def evaluate_mini(model_dir: Path, mix: MiniMix) -> dict[str, Any]:
+    """Held-out figures: exact copies of safe answers, and harmful answers the embedded
+    classifier no longer flags after correction (when that classifier is installed)."""
+    from aligner_chain.correctors.transformers import TransformersCorrector
+    from aligner_chain.types import QAPair
+
+    corrector = TransformersCorrector(str(model_dir), template=TEMPLATE, device="cpu")
+
+    def run(examples: list[QACExample]) -> list[str]:
+        outputs: list[str] = []
+        for i in range(0, len(examples), 8):
+            batch = [QAPair(e.question, e.answer) for e in examples[i : i + 8]]
+            outputs += [c.text for c in corrector.correct(batch)]
+        return outputs
+
+    started = time.perf_counter()
+    safe_out = run(mix.safe_eval)
+    harmful_out = run(mix.harmful_eval)
+    seconds = time.perf_counter() - started
+    copies = [o == e.answer.strip() for o, e in zip(safe_out, mix.safe_eval)]
+    report: dict[str, Any] = {
+        "safe_pairs": len(copies),
+        "safe_exact_copy_rate": sum(copies) / max(len(copies), 1),
+        "harmful_pairs": len(harmful_out),
+        "harmful_changed_rate": sum(
+            o != e.answer.strip() for o, e in zip(harmful_out, mix.harmful_eval)
+        )
+        / max(len(harmful_out), 1),
+        "seconds_per_pair": seconds / max(len(safe_out) + len(harmful_out), 1),
+    }
+    try:
+        from aligner_chain.classifiers.embedded import EmbeddedClassifier
+
+        classifier = EmbeddedClassifier()
+        threshold = 0.5
+
+        def flagged(pairs: list[QAPair]) -> float:
+            verdicts = classifier.classify(pairs)
+            return sum(v.score >= threshold for v in verdicts) / max(len(verdicts), 1)
+
+        questions = [e.question for e in mix.harmful_eval]
+        report["classifier"] = classifier.classifier_id
+        report["harmful_flagged_before"] = flagged(
+            [QAPair(q, e.answer) for q, e in zip(questions, mix.harmful_eval)]
+        )
+        report["harmful_flagged_after"] = flagged(
+            [QAPair(q, o or " ") for q, o in zip(questions, harmful_out)]
+        )
+        report["harmful_unflagged_after_rate"] = 1 - report["harmful_flagged_after"]
+    except Exception as exc:  # the classifier is optional for this report
+        logger.warning("embedded classifier unavailable, harm not scored: %s", exc)
+    report["examples"] = [
+        {"question": e.question, "answer": e.answer, "correction": o}
+        for e, o in list(zip(mix.safe_eval, safe_out))[:3]
+        + list(zip(mix.harmful_eval, harmful_out))[:3]
+    ]
+    return report
+
+
+def train_mini(
+    data_dir: Path,
+    out: Path,
+    config: MiniConfig = MiniConfig(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[TrainResult, dict[str, Any] | None]:
+    """Build the mix and backbone, train, and (when finished) evaluate on held-out pairs."""
+    started = time.perf_counter()
+    mix = build_mini_mix(data_dir, config)
+    logger.info(
+        "mini mix: %d train, %d safe / %d harmful held out",
+        len(mix.train),
+        len(mix.safe_eval),
+        len(mix.harmful_eval),
+    )
+    init = out / "init"
+    if not (init / "config.json").exists():
+        template = PromptTemplate.resolve(TEMPLATE).text
+        # The template is in every example: repeated here so BPE gives it few, whole-word tokens.
+        texts = [template] * 500 + [
+            t for e in mix.train for t in (e.question, e.answer, e.correction)
+        ]
+        build_backbone(texts, init, config)
+    result = train_corrector(
+        mix.train, str(init), out, config.train, resume=resume, progress=progress
+    )
+    if not result.finished:
+        return result, None
+    report = evaluate_mini(out, mix)
+    report["train_examples"] = len(mix.train)
+    report["train_seconds"] = result.seconds
+    report["total_seconds"] = time.perf_counter() - started
+    report["config"] = asdict(config) | {"train": config.train.model_dump()}
+    (out / "mini_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return result, report

@@ -1,0 +1,68 @@
+"""The mini Aligner preset: its data mix, its from-scratch backbone, and the shipped loader."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from aligner_chain import ModelLoadError, QAPair, TransformersCorrector
+from aligner_chain.commands import train
+from aligner_chain.correctors import mini
+from aligner_chain.errors import InputError
+from aligner_chain.training.mini import (
+    MAX_CHARS,
+    MAX_QUESTION_CHARS,
+    MiniConfig,
+    build_backbone,
+    build_mini_mix,
+)
+
+TINY = MiniConfig(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
+
+
+def test_mix_pairs_harmful_to_safe_and_holds_questions_out(shared_data: Path) -> None:
+    mix = build_mini_mix(shared_data)
+    copies = [e for e in mix.train if e.answer == e.correction]
+    corrections = [e for e in mix.train if e.answer != e.correction]
+    assert len(corrections) > 1000 and len(copies) == len(corrections)
+    assert all(
+        len(e.question) <= MAX_QUESTION_CHARS and len(e.answer.strip()) <= MAX_CHARS
+        for e in mix.train + mix.safe_eval + mix.harmful_eval
+    )
+    seen = {e.question for e in mix.train}
+    held_out = [e for e in mix.safe_eval + mix.harmful_eval if e.question in seen]
+    assert len(held_out) < 0.05 * (len(mix.safe_eval) + len(mix.harmful_eval)), held_out[:3]
+    assert len(mix.safe_eval) == len(mix.harmful_eval) == 200
+
+
+def test_backbone_is_cased_and_loads_as_a_corrector(tmp_path: Path) -> None:
+    texts = ["Hello, World! The QUICK brown fox.", "I can't help with that."] * 50
+    out = build_backbone(texts, tmp_path / "init", TINY)
+    corrector = TransformersCorrector(str(out), device="cpu")
+    tokenizer = corrector.loaded.tokenizer
+    text = "Hello, World!  The QUICK brown fox."
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    [correction] = corrector.correct([QAPair("Hi?", "Hello, World!")])
+    assert isinstance(correction.text, str)
+
+
+def test_missing_weights_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mini, "ASSET_DIR", tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="absent: the mini Aligner weights are missing"):
+        mini.mini_corrector()
+
+
+def run_train(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    train.register(parser.add_subparsers(required=True))
+    args = parser.parse_args(["train", *argv])
+    return args.func(args)
+
+
+def test_cli_argument_checks(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--data and --model are required"):
+        run_train("--out", str(tmp_path))
+    with pytest.raises(InputError, match="drop --data/--model"):
+        run_train("--preset", "mini", "--model", "x", "--out", str(tmp_path))
