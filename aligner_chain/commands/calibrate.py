@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 SPEC_HELP = (
-    "'embedded' (the shipped classifier), 'guard:PATH' (a generative guard model such as Llama "
-    "Guard), 'field:NAME' (scores already in the data, e.g. from a decision log), "
+    "'embedded' (the shipped classifier), 'embedded:DIR' (one trained by train-classifier), "
+    "'guard:PATH' (a generative guard model such as Llama Guard), 'field:NAME' (scores already "
+    "in the data, e.g. from a decision log), "
     "'module:attr' (a HarmClassifier, a factory returning one, or a (question, answer) -> score "
     "function), or a sequence-classifier folder or hub id"
 )
@@ -90,6 +91,10 @@ def load_classifier(spec: str) -> HarmClassifier:
 
     if spec == "embedded":
         return default_classifier()
+    if spec.startswith("embedded:"):
+        from aligner_chain.classifiers.embedded import EmbeddedClassifier
+
+        return EmbeddedClassifier(spec.removeprefix("embedded:"))
     if spec.startswith("guard:"):
         return GuardModelClassifier(spec.removeprefix("guard:"), generate_categories_at=None)
     if _IMPORT_SPEC.match(spec) and not Path(spec).exists():
