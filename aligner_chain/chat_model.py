@@ -9,7 +9,6 @@ no-leak surface: ``AlignerMiddleware`` and the LangGraph node stream the raw tok
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +20,6 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
@@ -39,7 +37,7 @@ from pydantic import ConfigDict, Field
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.inputs import parse_messages
 from aligner_chain.record import DecisionRecord, Route
-from aligner_chain.runnable import AlignerRunnable
+from aligner_chain.runnable import AlignerRunnable, tool_call_chunks
 
 _PARTS = ("classifier", "corrector", "policy", "rule", "recorder")
 
@@ -314,20 +312,12 @@ def _chunk(chunk: AIMessageChunk, answer: AIMessage, streamed: bool) -> AIMessag
 
 
 def _as_chunk(message: AIMessage) -> AIMessageChunk:
-    """A whole message as one final chunk, tool calls included (as tool-call chunks)."""
-    calls = [
-        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-        for i, c in enumerate(message.tool_calls)
-    ]
-    calls += [
-        tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
-        for i, c in enumerate(message.invalid_tool_calls)
-    ]
+    """A whole message as one final chunk, tool calls included."""
     return AIMessageChunk(
         content=message.content,
         id=message.id,
         additional_kwargs=message.additional_kwargs,
         response_metadata=message.response_metadata,
-        tool_call_chunks=calls,
+        tool_call_chunks=tool_call_chunks(message),
         chunk_position="last",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import patch_config
 from pydantic import ConfigDict, Field
@@ -218,12 +220,19 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
             replies = yield Effect("upstream", conversations, "reask")
             answered: list[_Work] = []
             for w, reply in self._per_item(pending, replies, "upstream"):
+                w.record.reask_count += 1
+                if isinstance(reply, AIMessage) and (reply.tool_calls or reply.invalid_tool_calls):
+                    # A tool call is a step, not an answer: it goes back to the caller's loop.
+                    w.turn.message = reply
+                    w.record.reask_answers.append(reply.text)
+                    w.record.notes.append("the re-asked model called a tool: passed through")
+                    self._settle(w, reply.text)
+                    continue
                 text = (
                     message_text(reply, "upstream answer")
                     if isinstance(reply, BaseMessage)
                     else str(reply)
                 )
-                w.record.reask_count += 1
                 w.record.reask_answers.append(text)
                 w.pair = QAPair(w.pair.question, model_safe(text), w.pair.context)
                 answered.append(w)
@@ -628,8 +637,22 @@ def _final_chunk(result: AIMessage | Exception, streamed: str) -> AIMessageChunk
         content=text[len(streamed) :],
         id=result.id,
         response_metadata=result.response_metadata,
+        tool_call_chunks=tool_call_chunks(result),
         chunk_position="last",
     )
+
+
+def tool_call_chunks(message: AIMessage) -> list[ToolCallChunk]:
+    """A message's tool calls (valid and invalid) as stream chunks, so that a tool-call turn
+    released as a chunk keeps its calls."""
+    calls = [
+        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+        for i, c in enumerate(message.tool_calls)
+    ]
+    return calls + [
+        tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
+        for i, c in enumerate(message.invalid_tool_calls)
+    ]
 
 
 def _checked(final: Correction | None, sink: list[str]) -> list[Correction]:

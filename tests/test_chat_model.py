@@ -145,6 +145,19 @@ def test_reask_is_bounded_by_the_policy() -> None:
     assert rec(out)["original_answer"] == RAW and out.content.startswith("[ALIGNED]")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_tool_call_in_reply_to_a_reask_is_passed_back_to_the_loop(streaming: bool) -> None:
+    model = wrapped(RAW, tool_call("weather", {"city": "Paris"}), reask_at=0.9)
+    if streaming:
+        chunks = list(model.stream("How?"))
+        out = sum(chunks[1:], chunks[0])
+    else:
+        out = model.invoke("How?")
+    assert out.tool_calls[0]["args"] == {"city": "Paris"} and RAW not in out.text
+    assert rec(out)["original_answer"] == RAW and rec(out)["reask_count"] == 1
+    assert "called a tool" in " ".join(rec(out)["notes"])
+
+
 def test_failing_reask_keeps_the_answer_in_the_record() -> None:
     out = wrapped(RAW, ConnectionError("upstream down"), reask_at=0.9).invoke("How?")
     r = rec(out)
