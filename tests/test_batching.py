@@ -9,7 +9,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,26 +48,33 @@ def test_threads_and_tasks_share_batches_and_get_their_own_results() -> None:
 
 
 async def test_cancelled_caller_does_not_break_the_batch() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     seen: list[str] = []
 
     def fn(items: list[str]) -> list[str]:
         seen.extend(items)
+        entered.set()
         gate.wait(5)
         return echo(items)
 
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):  # at most 5 s
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached in 5 s")
+
     batcher = MicroBatcher(fn, BatchingConfig(max_batch_size=4, max_wait_ms=0))
     first = asyncio.create_task(batcher.acall(["first"]))
-    await asyncio.sleep(0.05)  # "first" is now inside fn, the rest queue behind it
+    await until(entered.is_set)  # "first" is inside fn: the rest queue behind it
     queued = {name: asyncio.create_task(batcher.acall([name])) for name in ("a", "b", "c")}
-    running_then_cancelled = first
-    await asyncio.sleep(0.02)
+    await until(lambda: batcher.pending == 3)
     queued["b"].cancel()
-    running_then_cancelled.cancel()
+    first.cancel()  # already running: its result is dropped, the batch goes on
     gate.set()
     assert await queued["a"] == ["out:a"]
     assert await queued["c"] == ["out:c"]
-    for task in (queued["b"], running_then_cancelled):
+    for task in (queued["b"], first):
         with pytest.raises(asyncio.CancelledError):
             await task
     assert "b" not in seen  # dropped before reaching the model
@@ -81,7 +88,8 @@ def test_one_callers_bad_input_fails_only_that_caller() -> None:
         time.sleep(0.01)
         return echo(items)
 
-    batcher = MicroBatcher(fn, BatchingConfig(max_batch_size=8, max_wait_ms=50))
+    # The batch fires when all three are queued (full), or after 2 s on a very slow machine.
+    batcher = MicroBatcher(fn, BatchingConfig(max_batch_size=3, max_wait_ms=2000))
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(batcher, [x]) for x in ("ok1", "bad", "ok2")]
         assert futures[0].result(5) == ["out:ok1"]
