@@ -24,6 +24,7 @@ from typing_extensions import NotRequired
 
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.correctors.base import Corrector
+from aligner_chain.errors import ConfigurationError
 from aligner_chain.graph import REASK_KEY, AlignerNode, aligner_node
 from aligner_chain.routing import RouteRule, RoutingPolicy
 from aligner_chain.runnable import AlignerRunnable
@@ -91,6 +92,8 @@ class AlignerMiddleware(AgentMiddleware[AlignerAgentState, Any]):
         max_reasks: int | None = None,
         name: str | None = None,
     ) -> None:
+        if when not in ("after_model", "after_agent"):
+            raise ConfigurationError(f"when must be 'after_model' or 'after_agent', not {when!r}")
         super().__init__()
         self.node: AlignerNode = aligner_node(
             aligner,

@@ -12,7 +12,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from surface_fakes import RAW, ScriptedChat, aligner, scripted, tool_call
 
-from aligner_chain import AlignedChatModel, AlignerMiddleware
+from aligner_chain import AlignedChatModel, AlignerMiddleware, ConfigurationError
 from aligner_chain.graph import FEEDBACK_FLAG
 from aligner_chain.middleware import CORRECTED_ID_SUFFIX, REASKS_KEY
 from aligner_chain.routing import DEFAULT_REFUSAL
@@ -99,6 +99,11 @@ def test_after_agent_reask_loops_through_the_model() -> None:
     mw = AlignerMiddleware(aligner(reask_at=0.9), when="after_agent")
     final = ask(agent(model, mw))[-1]
     assert final.text == "a safe answer" and rec(final)["reask_count"] == 1
+
+
+def test_an_unknown_hook_name_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="after_model"):
+        AlignerMiddleware(aligner(), when="before_model")  # type: ignore[arg-type]
 
 
 def test_stacked_middlewares_need_their_own_names_and_keep_their_own_counters() -> None:
