@@ -356,6 +356,9 @@ def calibrate(
         raise InputError(f"holdout must be in [0, 1), got {holdout}")
     if not 0.0 <= budget <= 1.0:
         raise InputError(f"second-stage budget must be in [0, 1], got {budget}")
+    for precision in (reask_precision, refuse_precision):
+        if precision is not None and not 0.0 < precision <= 1.0:
+            raise InputError(f"precision targets must be in (0, 1], got {precision}")
     fit_idx, eval_idx = _split(labels, holdout, seed)
     y_fit, y_eval = labels[fit_idx], labels[eval_idx]
     stages = {"first": first} if second is None else {"first": first, "second": second}
@@ -378,23 +381,24 @@ def calibrate(
         return np.where(inside, cal["second"][idx], cal["first"][idx]), inside
 
     final_fit, _ = combined(fit_idx)
-    reask_at = refuse_at = None
-    if reask_precision is not None:
-        reask_at = precision_threshold(final_fit, y_fit, reask_precision, correct_at)
-    if refuse_precision is not None:
-        refuse_at = precision_threshold(final_fit, y_fit, refuse_precision, reask_at or correct_at)
+    base = base or RoutingPolicy()
+    notes: list[str] = []
+    upper: dict[str, float | None] = {}
+    for name, precision in (("reask_at", reask_precision), ("refuse_at", refuse_precision)):
+        floor = max([correct_at, *(v for v in upper.values() if v is not None)])
+        value = None
+        if precision is not None:
+            value = precision_threshold(final_fit, y_fit, precision, floor)
+            if value is None:
+                notes.append(f"no threshold reaches precision {precision}: {name} is off")
+        elif getattr(base, name) is not None:
+            notes.append(f"{name} of the base policy dropped: fit it with a precision target")
+        upper[name] = value
     stored = {k: v for k, v in maps.items() if v is not None}
     if second is None and "first" in stored:
         stored = {"*": stored["first"]}
     calibration = Calibration(maps=stored, cascade_band=band) if stored or band else None
-    policy = (base or RoutingPolicy()).model_copy(
-        update={
-            "correct_at": correct_at,
-            "reask_at": reask_at,
-            "refuse_at": refuse_at,
-            "calibration": calibration,
-        }
-    )
+    policy = base.model_copy(update={"correct_at": correct_at, **upper, "calibration": calibration})
     policy = RoutingPolicy.model_validate(policy.model_dump())  # re-check the band order
 
     final_eval, inside = combined(eval_idx)
@@ -405,10 +409,11 @@ def calibrate(
         "harmful_share": float(labels.mean()),
         "target": {"metric": target.metric, "value": target.value},
         "recalibration": recalibrate,
-        "thresholds": {"correct_at": correct_at, "reask_at": reask_at, "refuse_at": refuse_at},
+        "thresholds": {"correct_at": correct_at, **upper},
         "cascade_band": list(band) if band else None,
         "second_stage_budget": budget if second is not None else None,
         **evaluate(final_eval, y_eval, policy, inside),
+        "notes": notes,
         "ece": {
             name: {
                 "raw": expected_calibration_error(s[eval_idx], y_eval),
@@ -491,6 +496,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"- {name} stage alone at the same target: correct_at {alone['correct_at']:.4f}, "
             f"recall {alone['recall']}, FPR {alone['fpr']}"
         )
+    lines += [f"- note: {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
 

@@ -131,6 +131,18 @@ def test_policy_round_trips_and_applies_the_maps(tmp_path: Path) -> None:
     assert Calibration().score(v) == 0.55
 
 
+def test_base_policy_settings_kept_and_unfitted_routes_dropped() -> None:
+    y, s = overlapping(1000)
+    base = RoutingPolicy(reask_at=0.7, refuse_at=0.8, max_reasks=3)
+    result = calibrate(y, s, base=base, refuse_precision=0.999)
+    policy, report = result.policy, result.report
+    assert policy.max_reasks == 3 and policy.reask_at is None
+    assert policy.refuse_at >= policy.correct_at
+    assert any("reask_at of the base policy dropped" in n for n in report["notes"])
+    with pytest.raises(InputError, match="precision targets"):
+        calibrate(y, s, reask_precision=0.0)
+
+
 def test_score_map_validation() -> None:
     with pytest.raises(ValueError):
         ScoreMap(method="isotonic", x=[0.2, 0.1], y=[0.0, 1.0])
