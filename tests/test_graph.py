@@ -319,6 +319,16 @@ def test_a_dead_corrector_follows_on_error(on_error: str, expected: str, retry: 
     assert corrector.calls == (1 if retry is None else 2)
 
 
+async def test_async_retries_then_fails_closed() -> None:
+    corrector = Tagging(fail_first=99)
+    retry = RetryPolicy(max_attempts=2, initial_interval=0.01)
+    graph = chat_graph(
+        upstream("meh"), aligner(corrector, on_error="fail_closed"), retry_policy=retry
+    )
+    out = await graph.ainvoke({"messages": [HumanMessage("q")]})
+    assert out["messages"][-1].text == DEFAULT_REFUSAL and corrector.calls == 2
+
+
 def test_fallback_raise_and_bad_rules_propagate() -> None:
     with pytest.raises(RefusedError):
         chat_graph(upstream("meh"), aligner(fallback="raise", verify_after_correct=True)).invoke(
@@ -338,6 +348,21 @@ def test_an_unexpected_error_goes_through_the_error_handler(on_error: str, expec
     out = chat_graph(upstream("meh"), step).invoke({"messages": [HumanMessage("q")]})
     last = out["messages"][-1]
     assert last.text == expected and "ZeroDivisionError" in meta(last)["errors"][0]
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+def test_streaming_shows_the_raw_answer_in_messages_mode_and_the_correction_in_updates() -> None:
+    """The documented limit: a same-id replacement is not re-emitted in messages mode."""
+    graph = chat_graph(upstream(AIMessage("meh answer", id="a1")), aligner())
+    events = list(
+        graph.stream({"messages": [HumanMessage("q")]}, stream_mode=["messages", "updates"])
+    )
+    streamed = [data[0].text for mode, data in events if mode == "messages"]
+    updates = [data for mode, data in events if mode == "updates"]
+    assert "[ALIGNED] meh answer" not in streamed and "meh answer" in "".join(streamed)
+    assert updates[-1]["aligner"]["messages"][0].text == "[ALIGNED] meh answer"
 
 
 # -- checkpointer ------------------------------------------------------------------------------
