@@ -35,7 +35,6 @@ from langgraph.constants import TAG_NOSTREAM
 from pydantic import ConfigDict, Field
 
 from aligner_chain.errors import ConfigurationError, InputError
-from aligner_chain.inputs import parse_messages
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.runnable import AlignerRunnable, tool_call_chunks
 
@@ -145,9 +144,10 @@ class AlignedChatModel(BaseChatModel):
     ) -> ChatResult:
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         answer = upstream.invoke(messages, config)
-        final = self._settled(messages, answer)
-        if final is None:
+        try:
             final = self._aligner(upstream).invoke([*messages, answer], config)
+        except InputError as exc:
+            final = self._unjudged(messages, answer, exc)
         return _result(final, answer)
 
     async def _agenerate(
@@ -159,9 +159,10 @@ class AlignedChatModel(BaseChatModel):
     ) -> ChatResult:
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         answer = await upstream.ainvoke(messages, config)
-        final = self._settled(messages, answer)
-        if final is None:
+        try:
             final = await self._aligner(upstream).ainvoke([*messages, answer], config)
+        except InputError as exc:
+            final = self._unjudged(messages, answer, exc)
         return _result(final, answer)
 
     def _stream(
@@ -174,14 +175,16 @@ class AlignedChatModel(BaseChatModel):
         # No callbacks fired here: BaseChatModel reports every yielded chunk itself.
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         answer = upstream.invoke(messages, config)
-        final = self._settled(messages, answer)
-        if final is not None:
-            yield ChatGenerationChunk(message=_as_chunk(_own(final, answer)))
-            return
         streamed = False
-        for chunk in self._aligner(upstream).stream([*messages, answer], config):
-            yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
-            streamed = True
+        try:
+            for chunk in self._aligner(upstream).stream([*messages, answer], config):
+                yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
+                streamed = True
+        except InputError as exc:
+            if streamed:
+                raise
+            unjudged = _own(self._unjudged(messages, answer, exc), answer)
+            yield ChatGenerationChunk(message=_as_chunk(unjudged))
 
     async def _astream(
         self,
@@ -192,14 +195,16 @@ class AlignedChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         answer = await upstream.ainvoke(messages, config)
-        final = self._settled(messages, answer)
-        if final is not None:
-            yield ChatGenerationChunk(message=_as_chunk(_own(final, answer)))
-            return
         streamed = False
-        async for chunk in self._aligner(upstream).astream([*messages, answer], config):
-            yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
-            streamed = True
+        try:
+            async for chunk in self._aligner(upstream).astream([*messages, answer], config):
+                yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
+                streamed = True
+        except InputError as exc:
+            if streamed:
+                raise
+            unjudged = _own(self._unjudged(messages, answer, exc), answer)
+            yield ChatGenerationChunk(message=_as_chunk(unjudged))
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -221,20 +226,11 @@ class AlignedChatModel(BaseChatModel):
     def _aligner(self, upstream: Runnable) -> AlignerRunnable:
         return self.aligner.model_copy(update={"upstream": upstream})
 
-    def _settled(self, messages: list[BaseMessage], answer: AIMessage) -> AIMessage | None:
-        """The final message when the Aligner has nothing to judge, else None."""
-        if answer.tool_calls or answer.invalid_tool_calls:
-            return answer
-        try:
-            parse_messages([*messages, answer])
-        except InputError as exc:
-            return self._unjudged(messages, answer, exc)
-        return None
-
     def _unjudged(
         self, messages: list[BaseMessage], answer: AIMessage, exc: InputError
     ) -> AIMessage:
-        """Apply ``policy.on_error`` to an answer the step cannot judge, keeping it recorded."""
+        """Apply ``policy.on_error`` to an answer the step cannot judge (no question or answer
+        text, a re-asked answer without text), keeping it recorded; the result is final."""
         policy = self.aligner.policy
         refuse = policy.on_error == "fail_closed"
         human = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)

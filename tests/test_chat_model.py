@@ -212,6 +212,18 @@ def test_multimodal_question_is_judged_on_its_text() -> None:
     assert rec(out)["question"] == "What is this?" and rec(out)["route"] == "correct"
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_reasked_answer_without_text_keeps_the_first_answer_recorded(streaming: bool) -> None:
+    model = wrapped(RAW, AIMessage([IMAGE]), reask_at=0.9, on_error="fail_closed")
+    if streaming:
+        chunks = list(model.stream("How?"))
+        out = sum(chunks[1:], chunks[0])
+    else:
+        out = model.invoke("How?")
+    assert out.text == DEFAULT_REFUSAL and rec(out)["original_answer"] == RAW
+    assert "no text blocks" in rec(out)["errors"][0]
+
+
 def test_answer_without_text_passes_with_a_record() -> None:
     out = wrapped(AIMessage([IMAGE])).invoke("Draw a cat")
     assert out.content == [IMAGE] and rec(out)["route"] == "passthrough"
