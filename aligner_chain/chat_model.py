@@ -53,6 +53,9 @@ class AlignedChatModel(BaseChatModel):
       Tool-call turns are returned untouched: they are steps, not answers.
     - A re-ask calls the inner model again (with its bound tools and call options) on the
       conversation plus the policy's feedback; the aligner's own ``upstream`` is replaced by it.
+      A re-asked answer that calls a tool is returned as that tool-call turn.
+    - The record holds the original answer: drop ``response_metadata["aligner"]`` before
+      forwarding messages to a client that must not see it.
     - ``bind_tools`` binds the tools to the inner model; ``with_structured_output`` is the inner
       model's own and is not corrected (rewriting a schema-bound answer would break it).
     - Streaming releases nothing before the verdict; a correction streams token by token when
