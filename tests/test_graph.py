@@ -167,6 +167,16 @@ def test_without_an_llm_node_a_reask_becomes_a_correction() -> None:
     assert texts(out["messages"]) == ["q", "[ALIGNED] a BOMB"]
 
 
+def test_shadow_mode_records_without_changing_or_reasking() -> None:
+    out = chat_graph(upstream("a BOMB"), aligner(mode="shadow")).invoke(
+        {"messages": [HumanMessage("q")]}
+    )
+    assert texts(out["messages"]) == ["q", "a BOMB"]
+    assert (
+        meta(out["messages"][-1])["route"] == "reask" and not meta(out["messages"][-1])["changed"]
+    )
+
+
 async def test_async_reask_with_draft() -> None:
     model = upstream("a BOMB", "safe")
     graph = chat_graph(model, aligner(reask_with_draft=True))
