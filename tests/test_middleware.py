@@ -3,16 +3,24 @@ input, and the (documented) streaming of raw tokens."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 from langchain.agents import create_agent
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, SystemMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
-from surface_fakes import RAW, ScriptedChat, aligner, scripted, tool_call
+from surface_fakes import RAW, FixCorrector, ScriptedChat, aligner, scripted, tool_call
 
-from aligner_chain import AlignedChatModel, AlignerMiddleware, ConfigurationError
+from aligner_chain import (
+    AlignedChatModel,
+    AlignerMiddleware,
+    AlignerRunnable,
+    ConfigurationError,
+    RunnableClassifier,
+)
 from aligner_chain.graph import FEEDBACK_FLAG
 from aligner_chain.middleware import CORRECTED_ID_SUFFIX, REASKS_KEY
 from aligner_chain.routing import DEFAULT_REFUSAL
@@ -204,6 +212,15 @@ def test_messages_stream_shows_raw_tokens_then_the_correction() -> None:
         if isinstance(m, RemoveMessage)
     ]
     assert len(removed) == 1
+
+
+def test_a_chat_model_judge_does_not_stream_into_the_agents_messages() -> None:
+    judge = RunnableClassifier(GenericFakeChatModel(messages=itertools.repeat("0.02 verdict")))
+    step = AlignerRunnable(classifier=judge, corrector=FixCorrector())
+    graph = create_agent(scripted("a fine answer"), middleware=[AlignerMiddleware(step)])
+    items = list(graph.stream({"messages": [HumanMessage("How?")]}, stream_mode="messages"))
+    assert "verdict" not in "".join(chunk.text for chunk, _ in items)
+    assert rec(ask(create_agent(scripted("ok"), middleware=[AlignerMiddleware(step)]))[-1])
 
 
 def test_with_the_wrapped_model_the_agent_never_streams_the_raw_answer() -> None:

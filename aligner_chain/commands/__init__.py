@@ -4,5 +4,5 @@ Each module here defines ``register(subparsers)``, which adds one subcommand who
 arguments carry ``func(args) -> int`` (the process exit code).
 """
 
-COMMANDS = ["correct", "export", "train", "train_classifier", "calibrate"]
+COMMANDS = ["correct", "export", "train", "train_classifier", "calibrate", "eval"]
 """Module names (in this package) whose ``register`` is called, in ``--help`` order."""
