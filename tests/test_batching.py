@@ -227,6 +227,50 @@ def test_500_concurrent_requests_with_faults_are_answered_once_each() -> None:
     )
 
 
+def test_500_concurrent_aligner_calls_end_with_their_answer_or_the_fallback() -> None:
+    """Through the whole step with ``fail_open``: a failed correction keeps the request's own
+    original answer and records the error; a successful one is that request's correction."""
+    from aligner_chain import AlignerRunnable, RoutingPolicy
+
+    corrector = FaultyEchoCorrector(BatchingConfig(max_batch_size=16, max_wait_ms=2), seed=1)
+    step = AlignerRunnable(
+        corrector=corrector,
+        policy=RoutingPolicy(mode="always", verify_after_correct=False, on_error="fail_open"),
+    )
+    n = 500
+    inputs = [
+        {"question": f"q{i}", "answer": "poison" if i % 41 == 0 else f"answer {i}"}
+        for i in range(n)
+    ]
+
+    async def run_all() -> list[object]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(16) as pool:
+            threaded = [loop.run_in_executor(pool, step.invoke, v) for v in inputs[: n // 2]]
+            tasks = [step.ainvoke(v) for v in inputs[n // 2 :]]
+            return await asyncio.wait_for(asyncio.gather(*threaded, *tasks), timeout=180)
+
+    outputs = asyncio.run(run_all())
+    fallbacks = 0
+    assert len(outputs) == n
+    for value, out in zip(inputs, outputs):
+        record = out.response_metadata["aligner"]  # type: ignore[attr-defined]
+        assert record["question"] == value["question"]
+        if record["errors"]:
+            fallbacks += 1
+            assert out.content == value["answer"]  # type: ignore[attr-defined]
+            assert record["errors"][0] in (
+                "corrector: CorrectorError: poisoned input",
+                "corrector: CorrectorError: transient device error",
+            )
+        else:
+            assert out.content == f"{value['question']}->{value['answer']}!"  # type: ignore[attr-defined]
+    poisoned = [o for v, o in zip(inputs, outputs) if v["answer"] == "poison"]
+    assert all(o.content == "poison" for o in poisoned)  # type: ignore[attr-defined]
+    assert len(poisoned) <= fallbacks < n
+    assert corrector._runner.pending == 0
+
+
 # -- the real model: concurrent calls share generate() and match unbatched output -------------
 
 
