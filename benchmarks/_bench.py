@@ -30,7 +30,18 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / default_out)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the arguments and pin torch's thread count (oversubscribed OpenMP threads on a
+    loaded machine slow small models down by an order of magnitude)."""
+    import torch
+
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from _bench import ROOT, interleaved, median, parser, ratios, write
+from _bench import ROOT, interleaved, median, parse, parser, ratios, write
 
 SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2},
@@ -114,16 +114,28 @@ def copy_share(original: list[int], correction: list[int], n: int = 3) -> float:
     return sum(covered) / max(1, len(correction))
 
 
+def without_backoff(fn: Any, *args: Any) -> Any:
+    """Ablation: draft at every step even after misses (no pause)."""
+    from aligner_chain.correctors import copy_decoding
+
+    saved, copy_decoding.MAX_PAUSE = copy_decoding.MAX_PAUSE, 0
+    try:
+        return fn(*args)
+    finally:
+        copy_decoding.MAX_PAUSE = saved
+
+
 def main() -> None:
     p = parser(__doc__ or "", "copy_decoding.json")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--model", type=Path, default=None, help="a real model folder (no replay)")
+    p.add_argument("--template", default=TEMPLATE, help="prompt preset for --model")
+    p.add_argument("--mini", action="store_true", help="the embedded mini Aligner as --model")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--examples", type=int, default=8, help="triples per subset")
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = parse(p)
     started = time.time()
 
     import torch
@@ -132,7 +144,10 @@ def main() -> None:
     from aligner_chain.correctors.copy_decoding import copy_greedy_generate
     from aligner_chain.correctors.transformers import GenerationSettings
 
-    torch.set_num_threads(args.threads)
+    if args.mini:
+        from aligner_chain.correctors import mini
+
+        args.model, args.template = mini.ASSET_DIR, mini.TEMPLATE
     triples = load_triples(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-copy-"))
     replay = None
@@ -142,10 +157,10 @@ def main() -> None:
         replay = build_replay_model(tokenizer, args.size, work)
     path = str(args.model or work)
     cap = GenerationSettings(max_new_tokens_cap=args.max_new_tokens)
-    copying = TransformersCorrector(path, template=TEMPLATE, generation=cap, batching=False)
+    copying = TransformersCorrector(path, template=args.template, generation=cap, batching=False)
     plain = TransformersCorrector(
         path,
-        template=TEMPLATE,
+        template=args.template,
         generation=cap.model_copy(update={"copy_drafts": False}),
         batching=False,
     )
@@ -212,7 +227,11 @@ def main() -> None:
             passes, tokens = passes + stats.forward_passes, tokens + len(new)
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
         times = interleaved(
-            {"plain": lambda i=items: run(plain, i), "copy": lambda i=items: run(copying, i)},
+            {
+                "plain": lambda i=items: run(plain, i),
+                "copy": lambda i=items: run(copying, i),
+                "copy_no_backoff": lambda i=items: without_backoff(run, copying, i),
+            },
             args.runs,
         )
         speedups = ratios(times["plain"], times["copy"])
@@ -226,6 +245,9 @@ def main() -> None:
             "copy_s": round(median(times["copy"]), 3),
             "speedup": round(median(speedups), 3),
             "speedup_per_run": [round(s, 3) for s in speedups],
+            "speedup_without_backoff": round(
+                median(ratios(times["plain"], times["copy_no_backoff"])), 3
+            ),
             "identical_outputs": True,
         }
     config = {
@@ -234,6 +256,7 @@ def main() -> None:
         "threads": args.threads,
         "examples": args.examples,
         "max_new_tokens": args.max_new_tokens,
+        "template": args.template,
         "runs": args.runs,
         "seed": args.seed,
     }

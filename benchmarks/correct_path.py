@@ -6,8 +6,9 @@ Both decode the same prompt to the same number of tokens (the tiny model never e
 every call fills its budget; checked). ``runnable_plain`` uses plain ``generate`` inside
 (copy drafts and micro-batching off), so its excess over ``bare_generate`` is the plumbing:
 parsing, prompt preparation and tokenization, routing, records, child runs. Target: <= 5 %.
-``runnable_default`` is the shipped configuration (micro-batching with its 5 ms collection
-window, copy drafts on), for reference.
+``runnable_batched_plain`` adds only the micro-batcher (a lone call waits up to
+``max_wait_ms`` for company); ``runnable_default`` is the shipped configuration (micro-batching,
+copy drafts on), for reference.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _bench import interleaved, median, model_path, pairs, parser, ratios, write
+from _bench import interleaved, median, model_path, pairs, parse, parser, ratios, write
 
 
 def main() -> None:
     p = parser(__doc__ or "", "correct_path.json")
     p.add_argument("--model", type=Path, default=None)
-    args = p.parse_args()
+    args = parse(p)
     started = time.time()
 
     import torch
@@ -33,9 +34,11 @@ def main() -> None:
     plain = TransformersCorrector(
         path, generation=GenerationSettings(copy_drafts=False), batching=False
     )
+    batched = TransformersCorrector(path, generation=GenerationSettings(copy_drafts=False))
     default = TransformersCorrector(path)
     policy = RoutingPolicy(mode="always", verify_after_correct=False)
     runnable_plain = AlignerRunnable(corrector=plain, policy=policy)
+    runnable_batched = AlignerRunnable(corrector=batched, policy=policy)
     runnable_default = AlignerRunnable(corrector=default, policy=policy)
 
     pair = pairs(4)[3]
@@ -64,11 +67,13 @@ def main() -> None:
             "bare_generate": bare,
             "runnable_plain": lambda: runnable_plain.invoke(value),
             "corrector_plain": lambda: plain.correct([pair]),
+            "runnable_batched_plain": lambda: runnable_batched.invoke(value),
             "runnable_default": lambda: runnable_default.invoke(value),
         },
         args.runs,
     )
     overhead = [r - 1 for r in ratios(times["runnable_plain"], times["bare_generate"])]
+    batcher_cost = [b - a for a, b in zip(times["runnable_plain"], times["runnable_batched_plain"])]
     figures = {
         "new_tokens": n_bare,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
@@ -78,6 +83,7 @@ def main() -> None:
         "runnable_plain_overhead_ms": round(
             1000 * (median(times["runnable_plain"]) - median(times["bare_generate"])), 2
         ),
+        "micro_batcher_lone_call_ms": round(1000 * median(batcher_cost), 2),
         "runnable_default_speedup_vs_bare": round(
             median(ratios(times["bare_generate"], times["runnable_default"])), 3
         ),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from operator import itemgetter
 
-from _bench import interleaved, median, parser, write
+from _bench import interleaved, median, parse, parser, write
 
 ANSWER = "Mix flour, water, yeast and salt, knead, let it rise for an hour, then bake at 220 C."
 
@@ -22,7 +22,7 @@ ANSWER = "Mix flour, water, yeast and salt, knead, let it rise for an hour, then
 def main() -> None:
     p = parser(__doc__ or "", "skip_path.json")
     p.add_argument("--calls", type=int, default=300, help="chain calls per timed run")
-    args = p.parse_args()
+    args = parse(p)
     started = time.time()
 
     from langchain_core.language_models.fake_chat_models import FakeListChatModel

@@ -1,0 +1,73 @@
+"""Batching: ``AlignerRunnable.batch`` of 16 answers vs 16 sequential ``invoke`` calls.
+
+    python benchmarks/batch_throughput.py   # --model <folder> (default: the tests' tiny Llama)
+
+Every answer is corrected (``mode="always"``); the batch runs one pipeline, so the corrector
+sees the 16 pairs in one call (split into ``generate`` calls of ``max_batch_size``).
+``default`` is the shipped corrector (micro-batching, copy drafts for single answers);
+``plain`` has both off, so its sequential calls are plain ``generate`` too. Target: >= 3x
+throughput for the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from _bench import interleaved, median, model_path, pairs, parse, parser, ratios, write
+
+
+def main() -> None:
+    p = parser(__doc__ or "", "batch_throughput.json")
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--size", type=int, default=16, help="answers per batch")
+    args = parse(p)
+    started = time.time()
+
+    from aligner_chain import AlignerRunnable, RoutingPolicy, TransformersCorrector
+    from aligner_chain.batching import BatchingConfig
+    from aligner_chain.correctors.transformers import GenerationSettings
+
+    path = model_path(args.model)
+    policy = RoutingPolicy(mode="always", verify_after_correct=False)
+    runnables = {
+        "default": AlignerRunnable(corrector=TransformersCorrector(path), policy=policy),
+        "plain": AlignerRunnable(
+            corrector=TransformersCorrector(
+                path, generation=GenerationSettings(copy_drafts=False), batching=False
+            ),
+            policy=policy,
+        ),
+    }
+    batch_size = BatchingConfig().max_batch_size
+    values = [{"question": q.question, "answer": q.answer} for q in pairs(args.size)]
+    outputs = {name: [m.text for m in r.batch(values)] for name, r in runnables.items()}
+    assert outputs["default"] == outputs["plain"]
+    assert outputs["default"] == [runnables["default"].invoke(v).text for v in values]
+
+    variants = {}
+    for name, r in runnables.items():
+        variants[f"{name}_sequential"] = lambda r=r: [r.invoke(v) for v in values]
+        variants[f"{name}_batch"] = lambda r=r: r.batch(values)
+    times = interleaved(variants, args.runs)
+    figures = {
+        "answers": args.size,
+        "median_s": {k: round(median(v), 3) for k, v in times.items()},
+        "speedup_default": round(
+            median(ratios(times["default_sequential"], times["default_batch"])), 3
+        ),
+        "speedup_plain": round(median(ratios(times["plain_sequential"], times["plain_batch"])), 3),
+        "identical_outputs": True,
+        "target_speedup": 3.0,
+    }
+    config = {
+        "model": str(args.model or "tiny test Llama"),
+        "runs": args.runs,
+        "threads": args.threads,
+        "generate_batch_size": batch_size,
+    }
+    write(args.out, figures, config, started)
+
+
+if __name__ == "__main__":
+    main()
