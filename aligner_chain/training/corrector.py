@@ -283,7 +283,7 @@ def train_corrector(
     if resume and checkpoint is None:
         logger.warning("no checkpoint in %s: training from the start", out)
     if checkpoint is not None:
-        state = torch.load(checkpoint / _STATE, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint / _STATE, map_location="cpu", weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise ConfigurationError(
                 f"{checkpoint}: the checkpoint was made with other data, model or settings; "
