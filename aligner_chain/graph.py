@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, RemoveMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.errors import NodeError
 from langgraph.graph import END, StateGraph
@@ -47,6 +47,9 @@ REASK_KEY = "aligner_reasks"
 FEEDBACK_FLAG = "aligner_feedback"
 """Set in ``response_metadata`` of the feedback HumanMessage, so the next judgement skips it
 when looking for the user's question."""
+
+_REASK_ERROR = "aligner_reask_error"
+"""Carried on a flagged answer, from the LLM node's error handler to the next judgement."""
 
 
 class AlignerNodeState(TypedDict):
@@ -94,7 +97,9 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
       ``fail_closed`` refuses) and the record holds the error. ``RefusedError`` (``fallback=
       "raise"``) and ``ConfigurationError`` propagate.
 
-    Add it with :meth:`add_to`, which also wires ``retry_policy`` and the error handler.
+    Add it with :meth:`add_to`, which also wires ``retry_policy`` and the error handler, and
+    give the LLM node ``error_handler=node.upstream_error_handler`` so that a failed re-ask call
+    does not lose the flagged answer.
     """
 
     def __init__(
@@ -179,6 +184,30 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         logger.warning("the Aligner node failed; on_error=%s", self.policy.on_error, exc_info=exc)
         return self._unjudged(answer, exc)
 
+    def upstream_error_handler(self, state: dict[str, Any], error: NodeError) -> Command:
+        """An error handler for the LLM node (``error_handler=node.upstream_error_handler``).
+
+        When a re-ask call fails, the feedback is withdrawn and the flagged answer goes back to
+        this node with the re-ask budget spent, so it is corrected (or refused) instead of
+        being lost with the run. Any other failure of the LLM node propagates unchanged.
+        """
+        messages = state.get("messages") or []
+        if len(messages) < 2 or not messages[-1].response_metadata.get(FEEDBACK_FLAG):
+            raise error.error
+        flagged = messages[-2]
+        why = f"{type(error.error).__name__}: {error.error}"
+        meta = {**flagged.response_metadata, _REASK_ERROR: why}
+        return Command(
+            goto=self.name,
+            update={
+                "messages": [
+                    RemoveMessage(id=messages[-1].id),
+                    flagged.model_copy(update={"response_metadata": meta}),
+                ],
+                REASK_KEY: self.max_reasks,
+            },
+        )
+
     # -- steps -------------------------------------------------------------------------------
 
     def _input(self, state: dict[str, Any]) -> list[BaseMessage] | dict[str, Any]:
@@ -250,6 +279,8 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
             record.reask_count = reasks
             if record.initial_route is Route.REASK:
                 record.notes.append(f"the graph's re-ask budget ({self.max_reasks}) is spent")
+        if _REASK_ERROR in answer.response_metadata:
+            record.notes.append(f"the re-ask failed ({answer.response_metadata[_REASK_ERROR]})")
         message = _with_record(answer, result.content, record)
         if record.errors and self.retry_policy is not None:
             raise AlignerStageError(message, record)
@@ -343,7 +374,9 @@ def add_aligner_step(
     checkpointer). The new wiring is ``after -> name -> name_exit``; ``name_exit`` is a
     pass-through node that takes over every outgoing edge of ``after``, conditional ones
     included, so tool-call turns reach the user's router unchanged. A re-ask goes back to
-    ``after`` (``reask=False`` turns re-asks into corrections).
+    ``after`` (``reask=False`` turns re-asks into corrections). If ``after`` has no error
+    handler of its own, it gets :meth:`AlignerNode.upstream_error_handler`, so a failed re-ask
+    call corrects the flagged answer instead of losing it (its retry policy still runs first).
 
     Raises :class:`ConfigurationError` when ``after`` is missing, a name is taken, or ``after``
     declares ``Command`` destinations: jumps made by ``Command(goto=...)`` or ``Send`` are not
@@ -366,7 +399,7 @@ def add_aligner_step(
             f"{list(source.nodes[after].ends)}); those jumps would bypass the Aligner step"
         )
     builder = _copy_builder(source)
-    aligner_node(
+    node = aligner_node(
         aligner,
         classifier=classifier,
         corrector=corrector,
@@ -378,8 +411,11 @@ def add_aligner_step(
         max_reasks=max_reasks,
         retry_policy=retry_policy,
         context_key=context_key,
-    ).add_to(builder, name)
+    )
+    node.add_to(builder, name)
     builder.add_node(exit_name, _pass_on)
+    if reask and builder.nodes[after].error_handler_node is None:
+        _readd_with_handler(builder, after, node.upstream_error_handler)
     moved = {(s, t) for s, t in builder.edges if s == after}
     builder.edges = (builder.edges - moved) | {(exit_name, t) for _, t in moved} | {(after, name)}
     if after in builder.branches:
@@ -447,7 +483,8 @@ def _context_text(value: Any) -> str | None:
 
 def _with_record(answer: AIMessage, content: Any, record: DecisionRecord) -> AIMessage:
     """``answer`` (same id, so ``add_messages`` replaces it) with its record attached."""
-    meta = {**answer.response_metadata, "aligner": record.to_metadata()}
+    meta = {k: v for k, v in answer.response_metadata.items() if k != _REASK_ERROR}
+    meta["aligner"] = record.to_metadata()
     return answer.model_copy(
         update={"content": content if record.changed else answer.content, "response_metadata": meta}
     )
@@ -460,6 +497,25 @@ def _text(corrections: list[Correction]) -> str | None:
 def _pass_on(state: dict[str, Any]) -> None:
     """The exit of an inserted step: the user's original edges and router start here."""
     return None
+
+
+def _readd_with_handler(builder: StateGraph, name: str, handler: Any) -> None:
+    """Add node ``name`` again, unchanged but for the error handler (add_node creates its
+    handler node; there is no public way to set one on an existing node)."""
+    spec = builder.nodes.pop(name)
+    builder.add_node(
+        name,
+        spec.runnable,
+        metadata=spec.metadata,
+        input_schema=spec.input_schema,
+        retry_policy=spec.retry_policy,
+        cache_policy=spec.cache_policy,
+        error_handler=handler,
+        destinations=spec.ends or None,
+        defer=spec.defer,
+        timeout=spec.timeout,
+        trace_policy=spec.trace_policy,
+    )
 
 
 def _copy_builder(source: StateGraph) -> StateGraph:

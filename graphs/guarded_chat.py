@@ -37,9 +37,15 @@ def build(
     async def allm(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         return {"messages": [await model.ainvoke(state["messages"], config)]}
 
+    node = aligner_node(aligner or aligner_from_env(), llm_node="llm")
     builder = StateGraph(MessagesState)
-    builder.add_node("llm", RunnableLambda(llm, afunc=allm, name="llm"))
-    aligner_node(aligner or aligner_from_env(), llm_node="llm").add_to(builder, "aligner")
+    # A failed re-ask call falls back to correcting the flagged answer instead of failing.
+    builder.add_node(
+        "llm",
+        RunnableLambda(llm, afunc=allm, name="llm"),
+        error_handler=node.upstream_error_handler,
+    )
+    node.add_to(builder, "aligner")
     builder.add_edge(START, "llm").add_edge("llm", "aligner")
     return builder.compile(name="guarded_chat")
 

@@ -92,10 +92,16 @@ def build(
         return {"messages": [await model.ainvoke(prompt(state), config)]}
 
     step = aligner or aligner_from_env(template=TEMPLATE)
+    node = aligner_node(step, llm_node="answer", context_key="context")
     builder = StateGraph(RAGState)
     builder.add_node("retrieve", retrieve)
-    builder.add_node("answer", RunnableLambda(answer, afunc=aanswer, name="answer"))
-    aligner_node(step, llm_node="answer", context_key="context").add_to(builder, "aligner")
+    # A failed re-ask call falls back to correcting the flagged answer instead of failing.
+    builder.add_node(
+        "answer",
+        RunnableLambda(answer, afunc=aanswer, name="answer"),
+        error_handler=node.upstream_error_handler,
+    )
+    node.add_to(builder, "aligner")
     builder.add_edge(START, "retrieve").add_edge("retrieve", "answer").add_edge("answer", "aligner")
     return builder.compile(name="guarded_rag")
 

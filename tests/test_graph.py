@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.errors import NodeError
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command, RetryPolicy
@@ -86,14 +87,23 @@ def aligner(corrector: Corrector | None = None, **policy: Any) -> AlignerRunnabl
     )
 
 
-def chat_graph(model: Any, step: AlignerRunnable, checkpointer: Any = None, **node: Any) -> Any:
-    """START -> llm -> aligner (routes by Command)."""
+def chat_graph(
+    model: Any,
+    step: AlignerRunnable,
+    checkpointer: Any = None,
+    guard_llm: bool = False,
+    **options: Any,
+) -> Any:
+    """START -> llm -> aligner (routes by Command); ``guard_llm`` wires the LLM node's error
+    handler to the aligner."""
 
     def llm(state: MessagesState) -> dict[str, Any]:
         return {"messages": [model.invoke(state["messages"])]}
 
-    builder = StateGraph(MessagesState).add_node("llm", llm).add_edge(START, "llm")
-    aligner_node(step, **node).add_to(builder)
+    node = aligner_node(step, **options)
+    handler = node.upstream_error_handler if guard_llm else None
+    builder = StateGraph(MessagesState).add_node("llm", llm, error_handler=handler)
+    node.add_to(builder.add_edge(START, "llm"))
     return builder.add_edge("llm", "aligner").compile(checkpointer=checkpointer)
 
 
@@ -255,6 +265,34 @@ def test_insert_reasks_through_the_loop_and_leaves_the_user_graph_alone() -> Non
     model.i = 0
     plain = builder.compile().invoke({"messages": [HumanMessage("weather?")]})
     assert texts(plain["messages"]) == ["weather?", "BOMB"]
+
+
+def test_insert_guards_a_failing_reask_unless_the_node_has_its_own_handler() -> None:
+    builder = agent_builder(upstream("BOMB", fail_at=1))
+    out = (
+        add_aligner_step(builder, after="agent", aligner=aligner())
+        .compile()
+        .invoke({"messages": [HumanMessage("q")]})
+    )
+    assert texts(out["messages"]) == ["q", "[ALIGNED] BOMB"]
+    assert builder.nodes["agent"].error_handler_node is None  # the user's builder untouched
+
+    model = upstream("BOMB", fail_at=1)
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def own(state: MessagesState, error: NodeError) -> dict[str, Any]:
+        return {"messages": [AIMessage("handled by the user")]}
+
+    builder = StateGraph(MessagesState).add_node("agent", agent, error_handler=own)
+    builder.add_edge(START, "agent").add_edge("agent", END)
+    out = (
+        add_aligner_step(builder, after="agent", aligner=aligner())
+        .compile()
+        .invoke({"messages": [HumanMessage("q")]})
+    )
+    assert out["messages"][-1].text == "handled by the user"
 
 
 def test_insert_after_a_plain_edge_and_into_a_join() -> None:
@@ -442,6 +480,23 @@ def test_multimodal_blocks() -> None:
     out = node_graph(aligner()).invoke({"messages": [question, image_only]})
     last = out["messages"][-1]
     assert last.content == [image] and "no text blocks" in meta(last)["errors"][0]
+
+
+@pytest.mark.parametrize("guard_llm", [False, True])
+def test_an_upstream_that_raises_on_the_first_call_propagates(guard_llm: bool) -> None:
+    graph = chat_graph(upstream("x", fail_at=0), aligner(), guard_llm=guard_llm)
+    with pytest.raises(RuntimeError, match="upstream down"):
+        graph.invoke({"messages": [HumanMessage("q")]})
+
+
+def test_a_failed_reask_corrects_the_flagged_answer_instead() -> None:
+    graph = chat_graph(upstream("a BOMB", fail_at=1), aligner(), guard_llm=True)
+    out = graph.invoke({"messages": [HumanMessage("q")]})
+    assert texts(out["messages"]) == ["q", "[ALIGNED] a BOMB"]
+    record = meta(out["messages"][-1])
+    assert record["initial_route"] == "reask" and record["original_answer"] == "a BOMB"
+    assert any("re-ask failed (RuntimeError: upstream down)" in n for n in record["notes"])
+    assert set(out["messages"][-1].response_metadata) == {"aligner"}
 
 
 def test_an_upstream_that_raises_keeps_the_first_answer_in_the_checkpoint() -> None:
