@@ -71,6 +71,7 @@ async def test_cancelled_caller_does_not_break_the_batch() -> None:
     await until(lambda: batcher.pending == 3)
     queued["b"].cancel()
     first.cancel()  # already running: its result is dropped, the batch goes on
+    await asyncio.wait({queued["b"], first}, timeout=5)  # let the cancellations propagate
     gate.set()
     assert await queued["a"] == ["out:a"]
     assert await queued["c"] == ["out:c"]
@@ -275,14 +276,20 @@ def test_500_concurrent_aligner_calls_end_with_their_answer_or_the_fallback() ->
 
 
 def test_transformers_corrector_coalesces_concurrent_calls(tiny_lm_path: Path) -> None:
-    from aligner_chain.correctors.transformers import TransformersCorrector
+    from aligner_chain.correctors.transformers import GenerationSettings, TransformersCorrector
 
     pairs = [QAPair(f"Question number {i}?", f"The answer is {i} and more.") for i in range(8)]
-    reference = TransformersCorrector(str(tiny_lm_path), device="cpu", batching=False)
+    short = GenerationSettings(new_tokens_margin=8)  # short generations keep the test fast
+    reference = TransformersCorrector(
+        str(tiny_lm_path), device="cpu", generation=short, batching=False
+    )
     expected = [reference.correct([p])[0].text for p in pairs]
 
     batched = TransformersCorrector(
-        str(tiny_lm_path), device="cpu", batching=BatchingConfig(max_batch_size=8, max_wait_ms=50)
+        str(tiny_lm_path),
+        device="cpu",
+        generation=short,
+        batching=BatchingConfig(max_batch_size=8, max_wait_ms=50),
     )
     model = batched.loaded.model
     calls = 0
