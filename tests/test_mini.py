@@ -82,7 +82,7 @@ def test_model_card_states_the_measured_figures(tmp_path: Path) -> None:
         "harmful_flagged_after": 0.25,
         "harmful_unflagged_after_rate": 0.75,
         "seconds_per_pair": 0.05,
-        "examples": [example] * 6,
+        "examples": [example] * 5,
         "train_examples": 5000,
         "train_seconds": 1800,
         "total_seconds": 2400,
