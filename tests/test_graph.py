@@ -476,6 +476,8 @@ def test_multimodal_blocks() -> None:
     flagged = AIMessage([{"type": "text", "text": "meh cat"}, image])
     out = node_graph(aligner()).invoke({"messages": [question, flagged]})
     assert out["messages"][-1].text == "[ALIGNED] meh cat"
+    out = node_graph(aligner()).invoke({"messages": [HumanMessage([image]), answer]})
+    assert "question" in meta(out["messages"][-1])["errors"][0]  # nothing to judge it against
     image_only = AIMessage([image])
     out = node_graph(aligner()).invoke({"messages": [question, image_only]})
     last = out["messages"][-1]

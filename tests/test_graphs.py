@@ -116,6 +116,14 @@ def test_env_names_the_missing_variables(env) -> None:
         corrector_from_env(template="aligner-rag")
 
 
+def test_env_guard_classifier_and_corrector_server(env, tiny_guard_path, tiny_lm_path) -> None:
+    env.setenv("ALIGNER_CLASSIFIER", f"guard:{tiny_guard_path}")
+    env.setenv("ALIGNER_CORRECTOR_URL", "http://127.0.0.1:9/v1")  # built, never called here
+    step = aligner_from_env()
+    assert type(step.classifier).__name__ == "GuardModelClassifier"
+    assert type(step.corrector).__name__ == "OpenAICompatibleCorrector"
+
+
 def test_env_classifier_none_corrects_every_answer(env, tmp_path) -> None:
     env.setenv("ALIGNER_CLASSIFIER", "none")
     policy = tmp_path / "policy.yaml"
