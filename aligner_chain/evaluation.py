@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.record import DecisionRecord
 from aligner_chain.routing import RoutingPolicy
-from aligner_chain.training.data import json_objects
+from aligner_chain.training.data import _json_objects
 from aligner_chain.types import QAPair
 
 _LABELS = {
@@ -111,7 +111,7 @@ def read_labelled(path: str | Path) -> list[LabelledPair]:
             reader = csv.DictReader(fh)
             rows = [(f"{path}:{reader.line_num}", row) for row in reader]
     else:
-        rows = list(json_objects(path))
+        rows = list(_json_objects(path))
     pairs = [_pair(row, where) for where, row in rows]
     if not pairs:
         raise InputError(f"{path}: no rows to evaluate")
