@@ -9,6 +9,7 @@ no-leak surface: ``AlignerMiddleware`` and the LangGraph node stream the raw tok
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ from langgraph.constants import TAG_NOSTREAM
 from pydantic import ConfigDict, Field
 
 from aligner_chain.errors import ConfigurationError, InputError
+from aligner_chain.inputs import question_of
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.runnable import AlignerRunnable, tool_call_chunks
 
@@ -177,10 +179,18 @@ class AlignedChatModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         # No callbacks fired here: BaseChatModel reports every yielded chunk itself.
         upstream, config = self._start(messages, stop, kwargs, run_manager)
+        aligner = self._aligner(upstream)
+        if aligner.policy.stream == "sentence":
+            # The inner model streams into the step, which releases judged sentences.
+            question = {"question": question_of(messages)}
+            answer = ({"answer": c} for c in upstream.stream(messages, config))
+            for chunk in aligner.transform(itertools.chain([question], answer), config):
+                yield ChatGenerationChunk(message=chunk)
+            return
         answer = upstream.invoke(messages, config)
         streamed = False
         try:
-            for chunk in self._aligner(upstream).stream([*messages, answer], config):
+            for chunk in aligner.stream([*messages, answer], config):
                 yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
                 streamed = True
         except InputError as exc:
@@ -197,10 +207,22 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         upstream, config = self._start(messages, stop, kwargs, run_manager)
+        aligner = self._aligner(upstream)
+        if aligner.policy.stream == "sentence":
+            question = question_of(messages)
+
+            async def feed() -> AsyncIterator[dict[str, Any]]:
+                yield {"question": question}
+                async for c in upstream.astream(messages, config):
+                    yield {"answer": c}
+
+            async for chunk in aligner.atransform(feed(), config):
+                yield ChatGenerationChunk(message=chunk)
+            return
         answer = await upstream.ainvoke(messages, config)
         streamed = False
         try:
-            async for chunk in self._aligner(upstream).astream([*messages, answer], config):
+            async for chunk in aligner.astream([*messages, answer], config):
                 yield ChatGenerationChunk(message=_chunk(chunk, answer, streamed))
                 streamed = True
         except InputError as exc:

@@ -110,8 +110,12 @@ def parse_messages(messages: list[Any]) -> Turn:
             f"the conversation ends with a {messages[-1].type} message, not an AI answer"
         )
     history = messages[:last_ai]
+    return _turn(question_of(history), messages[last_ai], None, history)
+
+
+def question_of(history: Sequence[BaseMessage]) -> str:
+    """The text of the last human turn: the question an answer after ``history`` answers."""
     human = next((m for m in reversed(history) if isinstance(m, HumanMessage)), None)
     if human is None:
         raise InputError("the conversation has no human turn before the answer")
-    question = _require_text(message_text(human, "question"), "question")
-    return _turn(question, messages[last_ai], None, history)
+    return _require_text(message_text(human, "question"), "question")

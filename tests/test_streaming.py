@@ -23,9 +23,7 @@ from aligner_chain.classifiers import RunnableClassifier
 from aligner_chain.sentences import SentenceBuffer, split_sentences
 
 SECRET = "Mix the two chemicals in a closed jar."
-ANSWER = (
-    f"Sure, here is how. First, gather materials. {SECRET} Then wait ten minutes. Done."
-)
+ANSWER = f"Sure, here is how. First, gather materials. {SECRET} Then wait ten minutes. Done."
 
 
 @pytest.mark.parametrize(
@@ -107,15 +105,9 @@ def released_texts(chunks: list[AIMessageChunk]) -> list[str]:
 
 def test_stream_never_leaks_the_flagged_sentence(corrector) -> None:
     judge = Judge()
-    chunks = list(
-        guarded(corrector, judge).stream({"question": "How?", "answer": ANSWER})
-    )
+    chunks = list(guarded(corrector, judge).stream({"question": "How?", "answer": ANSWER}))
     text = "".join(c.content for c in chunks)
-    assert (
-        SECRET not in text
-        and "First, gather materials." in text
-        and text.endswith("Done.")
-    )
+    assert SECRET not in text and "First, gather materials." in text and text.endswith("Done.")
     events = [e for c in chunks for e in c.response_metadata.get("aligner_events", [])]
     assert [e["original"].strip() for e in events] == [SECRET]
     record = chunks[-1].response_metadata["aligner"]
@@ -123,9 +115,7 @@ def test_stream_never_leaks_the_flagged_sentence(corrector) -> None:
     # Every released prefix was judged before release (text events; corrections are judged
     # by their original sentence, replaced, and verified when verification is on).
     for prefix in released_texts(chunks):
-        assert any(
-            prefix.startswith(seen) or seen.startswith(prefix) for seen in judge.seen
-        )
+        assert any(prefix.startswith(seen) or seen.startswith(prefix) for seen in judge.seen)
 
 
 def test_verified_corrections_and_refusal_stop(corrector) -> None:
@@ -135,9 +125,7 @@ def test_verified_corrections_and_refusal_stop(corrector) -> None:
     s = AlignerRunnable(
         classifier=RunnableClassifier(strict),
         corrector=corrector,
-        policy=RoutingPolicy(
-            stream="sentence", refuse_at=0.95, refusal_message="No more."
-        ),
+        policy=RoutingPolicy(stream="sentence", refuse_at=0.95, refusal_message="No more."),
     )
     chunks = list(s.stream({"question": "How?", "answer": ANSWER}))
     text = "".join(c.content for c in chunks)
@@ -154,9 +142,7 @@ def test_fallback_raise_in_stream(corrector) -> None:
     )
     released: list[str] = []
     with pytest.raises(RefusedError) as info:
-        released.extend(
-            c.content for c in s.stream({"question": "q", "answer": ANSWER})
-        )
+        released.extend(c.content for c in s.stream({"question": "q", "answer": ANSWER}))
     assert released == [] and info.value.record.original_answer.startswith("Sure")
 
 
@@ -178,9 +164,7 @@ async def test_astream_events_and_async_stall(corrector) -> None:
     s = guarded(corrector, judge, stream_max_ms=50)
     custom = [
         e
-        async for e in s.astream_events(
-            {"question": "q", "answer": ANSWER}, version="v2"
-        )
+        async for e in s.astream_events({"question": "q", "answer": ANSWER}, version="v2")
         if e["event"] == "on_custom_event"
     ]
     assert [e["name"] for e in custom] == ["aligner_correction"]
@@ -200,9 +184,7 @@ async def test_astream_events_and_async_stall(corrector) -> None:
         if chunk.content:
             arrivals.append((loop.time() - start, chunk.content))
     assert arrivals[0][1] == "An unfinished thought"
-    assert (
-        arrivals[0][0] < 0.45
-    )  # released at the hold-back limit, before the upstream resumed
+    assert arrivals[0][0] < 0.45  # released at the hold-back limit, before the upstream resumed
 
 
 async def test_astream_matches_stream(corrector) -> None:
@@ -228,3 +210,35 @@ def test_empty_or_questionless_streams_are_typed_errors(corrector) -> None:
         list(guarded(corrector, Judge()).stream({"question": "q", "answer": "  "}))
     with pytest.raises(InputError):
         list(guarded(corrector, Judge()).stream({"answer": "text"}))
+
+
+def test_aligned_chat_model_streams_sentences_without_leaking(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from aligner_chain import with_aligner
+
+    judge = Judge()
+    model = with_aligner(
+        GenericFakeChatModel(messages=iter([AIMessage(ANSWER)] * 4)),
+        classifier=RunnableClassifier(judge),
+        corrector=corrector,
+        policy=RoutingPolicy(stream="sentence", verify_after_correct=False),
+    )
+    chunks = list(model.stream([HumanMessage("How?")]))
+    assert SECRET not in "".join(c.content for c in chunks)
+    assert len([c for c in chunks if c.content]) >= 4
+    assert chunks[-1].response_metadata["aligner"]["original_answer"] == ANSWER
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("llm", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_edge(START, "llm")
+    builder.add_edge("llm", END)
+    graph = builder.compile()
+    parts = list(
+        graph.stream({"messages": [HumanMessage("How?")]}, stream_mode=["messages", "custom"])
+    )
+    streamed = "".join(data[0].content for mode, data in parts if mode == "messages")
+    assert SECRET not in streamed and "Then wait ten minutes." in streamed
+    custom = [data["aligner"] for mode, data in parts if mode == "custom"]
+    assert [e["type"] for e in custom] == ["correction"] and custom[0]["original"].strip() == SECRET
