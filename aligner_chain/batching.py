@@ -163,6 +163,18 @@ class MicroBatcher(Generic[In, Out]):
         return batch
 
     def _work(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the worker is dying: no caller may wait forever
+            with self._cond:
+                self._thread = None
+                lost = list(dict.fromkeys(request for request, _ in self._queue))
+                self._queue.clear()
+            for request in lost:
+                request.fail(exc)
+            raise
+
+    def _serve(self) -> None:
         max_wait = self.config.max_wait_ms / 1000
         while True:
             with self._cond:
@@ -189,8 +201,12 @@ class MicroBatcher(Generic[In, Out]):
                 raise RuntimeError(
                     f"batch function returned {len(outputs)} results for {len(items)}"
                 )
-        except Exception as exc:
+        except BaseException as exc:
             requests = list(dict.fromkeys(request for request, _ in batch))
+            if not isinstance(exc, Exception):
+                for request in requests:
+                    request.fail(exc)
+                raise
             if isolate and len(requests) > 1:
                 self.stats.isolated_reruns += 1
                 for request in requests:

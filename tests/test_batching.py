@@ -338,3 +338,24 @@ def test_model_classifiers_coalesce_concurrent_calls(
         results = asyncio.run(run())
         assert [r[0].score for r in results] == pytest.approx(expected, abs=1e-5)
         assert shared.batcher.stats.batches < len(pairs)  # type: ignore[union-attr]
+
+
+class Fatal(BaseException):
+    """Not an Exception: it kills the worker thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dying_worker_fails_its_callers_and_is_replaced() -> None:
+    calls = 0
+
+    def fn(items: list[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Fatal("worker killed")
+        return echo(items)
+
+    batcher = MicroBatcher(fn, BatchingConfig(max_wait_ms=0))
+    with pytest.raises(Fatal):
+        batcher(["first"])
+    assert batcher(["second"]) == ["out:second"]  # a new worker took over

@@ -34,7 +34,7 @@ from aligner_chain import AlignerRunnable, RoutingPolicy
 from aligner_chain.classifiers.remote import OpenAICompatibleGuardClassifier
 from aligner_chain.correctors.remote import OpenAICompatibleCorrector
 from aligner_chain.correctors.transformers import GenerationSettings, TransformersCorrector
-from aligner_chain.errors import ClassifierError, CorrectorError
+from aligner_chain.errors import ClassifierError, CorrectorError, ModelLoadError
 from aligner_chain.openai_http import RetrySettings
 from aligner_chain.routing import DEFAULT_REFUSAL
 from aligner_chain.types import Correction, QAPair
@@ -511,3 +511,12 @@ def test_guard_against_transformers_serve(proxy: FaultProxy, tiny_guard_path: Pa
     except ClassifierError as exc:
         assert "no logprobs" in str(exc)
     assert len(proxy.seen) == 1 and proxy.seen[0].path == "/v1/chat/completions"
+
+
+def test_a_served_name_without_a_tokenizer_says_what_to_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import: set the constant, or the hub is tried.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="pass tokenizer="):
+        OpenAICompatibleCorrector("http://127.0.0.1:9", "aligner-7b")

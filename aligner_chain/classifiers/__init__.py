@@ -3,6 +3,7 @@
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.classifiers.cascade import CascadeClassifier
 from aligner_chain.classifiers.guard import LLAMA_GUARD_3_CATEGORIES, GuardModelClassifier
+from aligner_chain.classifiers.remote import OpenAICompatibleGuardClassifier
 from aligner_chain.classifiers.runnable import RunnableClassifier, parse_judgement
 from aligner_chain.classifiers.sequence import BEAVER_DAM_CATEGORIES, SequenceClassifier
 
@@ -12,6 +13,7 @@ __all__ = [
     "CascadeClassifier",
     "GuardModelClassifier",
     "HarmClassifier",
+    "OpenAICompatibleGuardClassifier",
     "RunnableClassifier",
     "SequenceClassifier",
     "parse_judgement",

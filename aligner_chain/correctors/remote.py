@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, StreamTrimmer
 from aligner_chain.correctors.transformers import GenerationSettings
-from aligner_chain.errors import ConfigurationError, CorrectorError
+from aligner_chain.errors import ConfigurationError, CorrectorError, ModelLoadError
 from aligner_chain.loading import LoadKey, check_model_source, load_once
 from aligner_chain.openai_http import (
     OpenAICompatibleClient,
@@ -42,12 +42,18 @@ class _Tokenizer:
 def _load_tokenizer(source: str, trust_remote_code: bool) -> _Tokenizer:
     source = check_model_source(source)
     key = LoadKey("tokenizer", source, "", "", (("trust_remote_code", str(trust_remote_code)),))
-    return load_once(
-        key,
-        lambda: _Tokenizer(
-            AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        ),
-    )
+    try:
+        return load_once(
+            key,
+            lambda: _Tokenizer(
+                AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            ),
+        )
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"{exc} (the corrector counts tokens locally: pass tokenizer= with a local folder "
+            "or hub id of the served model's tokenizer)"
+        ) from exc
 
 
 @dataclass
