@@ -75,7 +75,8 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         template: as for :class:`TransformersCorrector`.
         generation: as for :class:`TransformersCorrector`. Greedy is sent as ``temperature=0``;
             ``top_k`` and ``repetition_penalty`` are sent only when set (vLLM and SGLang
-            accept them, ``transformers serve`` rejects unknown fields with 422).
+            accept them, ``transformers serve`` rejects unknown fields with 422). ``extra``
+            holds ``generate`` kwargs of a local model and is not sent: use ``extra_body``.
         tokenizer: local folder or hub id of the model's tokenizer, used to count tokens for
             truncation and the ``max_tokens`` budget; defaults to ``model``.
         max_context_tokens: the served context length (``--max-model-len``); defaults to the
@@ -179,7 +180,7 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
             body["repetition_penalty"] = gen.repetition_penalty
         if stream:
             body["stream"] = True
-        return {**body, **gen.extra, **self.extra_body}
+        return {**body, **self.extra_body}
 
     def _text(self, choice: dict[str, Any], stream: bool) -> str:
         if self.mode == "completions":
