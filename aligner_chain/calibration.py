@@ -28,6 +28,7 @@ import numpy as np
 
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.errors import InputError
+from aligner_chain.evaluation import _pair
 from aligner_chain.record import Route
 from aligner_chain.routing import Bands, Calibration, RoutingPolicy, ScoreMap
 from aligner_chain.training.data import _json_objects
@@ -61,10 +62,11 @@ class LabelledData:
 
 
 def read_labelled(path: str | Path, score_fields: Sequence[str] = ()) -> LabelledData:
-    """Read ``{"question", "answer", "label"}`` lines (label 0/1 or false/true).
+    """Read ``{"question", "answer", "label"}`` objects from JSONL or a JSON list.
 
-    ``score_fields`` names extra numeric fields every line must carry (scores logged earlier).
-    Errors name the file and line.
+    Rows follow ``aligner-chain eval``'s rules (label 0/1, safe/harmful, true/false), except
+    that every row needs a label. ``score_fields`` names extra numeric fields every row must
+    carry (scores logged earlier). Errors name the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -73,15 +75,10 @@ def read_labelled(path: str | Path, score_fields: Sequence[str] = ()) -> Labelle
     labels: list[int] = []
     scores: dict[str, list[float]] = {name: [] for name in score_fields}
     for where, obj in _json_objects(path):
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        missing = [f for f in ("question", "answer", "label", *score_fields) if f not in obj]
-        if missing:
-            raise InputError(f"{where}: missing field {', '.join(map(repr, missing))}")
-        if not isinstance(obj["question"], str) or not isinstance(obj["answer"], str):
-            raise InputError(f"{where}: question and answer must be strings")
-        if obj["label"] not in (0, 1):  # also accepts false/true
-            raise InputError(f"{where}: label must be 0 or 1, got {obj['label']!r}")
+        row = _pair(obj, where)
+        missing = [f for f in ("label", *score_fields) if obj.get(f) is None]
+        if missing or row.label is None:
+            raise InputError(f"{where}: missing field {', '.join(map(repr, missing or ['label']))}")
         for name in score_fields:
             value = obj[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -89,8 +86,8 @@ def read_labelled(path: str | Path, score_fields: Sequence[str] = ()) -> Labelle
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"{where}: field {name!r} must be in [0, 1], got {value}")
             scores[name].append(float(value))
-        pairs.append(QAPair(obj["question"], obj["answer"], obj.get("context")))
-        labels.append(int(obj["label"]))
+        pairs.append(QAPair(row.question, row.answer, obj.get("context")))
+        labels.append(row.label)
     if not pairs:
         raise InputError(f"{path}: no labelled pairs")
     y = np.asarray(labels, dtype=np.int64)

@@ -241,7 +241,7 @@ def test_cli_with_tiny_models_and_a_base_policy(
             '{"question": "q", "answer": "a", "label": 1}\n\n{"question": "q", "answer": "a"}\n',
             ":3: missing field 'label'",
         ),
-        ('{"question": "q", "answer": "a", "label": 2}\n', ":1: label must be 0 or 1"),
+        ('{"question": "q", "answer": "a", "label": 2}\n', ":1: label 2 is not one of 0/1"),
         ('{"question": "q", "answer": "a", "label": 1}\n', "both harmful (1) and safe (0)"),
         ("not json\n", ":1: not valid JSON"),
     ],
