@@ -23,7 +23,7 @@ from aligner_chain.errors import (
 )
 from aligner_chain.graph import AlignerNode, AlignerStageError, add_aligner_step, aligner_node
 from aligner_chain.record import DecisionRecord, Route
-from aligner_chain.routing import Bands, RoutingPolicy
+from aligner_chain.routing import Bands, Calibration, RoutingPolicy, ScoreMap
 from aligner_chain.runnable import AlignerRunnable
 from aligner_chain.templates import PRESETS, PromptTemplate
 from aligner_chain.types import Correction, QAPair, Verdict
@@ -38,6 +38,7 @@ __all__ = [
     "AlignerStageError",
     "BackpressureError",
     "Bands",
+    "Calibration",
     "CascadeClassifier",
     "ClassifierError",
     "ConfigurationError",
@@ -55,6 +56,7 @@ __all__ = [
     "Route",
     "RoutingPolicy",
     "RunnableClassifier",
+    "ScoreMap",
     "SequenceClassifier",
     "TransformersCorrector",
     "Verdict",
