@@ -346,16 +346,17 @@ class Fatal(BaseException):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dying_worker_fails_its_callers_and_is_replaced() -> None:
-    calls = 0
+    workers: list[threading.Thread] = []
 
     def fn(items: list[str]) -> list[str]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+        workers.append(threading.current_thread())
+        if len(workers) == 1:
             raise Fatal("worker killed")
         return echo(items)
 
     batcher = MicroBatcher(fn, BatchingConfig(max_wait_ms=0))
     with pytest.raises(Fatal):
         batcher(["first"])
-    assert batcher(["second"]) == ["out:second"]  # a new worker took over
+    workers[0].join(5)  # let it die inside this test, where its warning is expected
+    assert batcher(["second"]) == ["out:second"]
+    assert workers[1] is not workers[0]  # a new worker took over
