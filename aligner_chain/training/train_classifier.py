@@ -168,7 +168,7 @@ def train_model(
             step, seen = step + 1, seen + len(batch)
             value = loss.item()
             running = 0.98 * running + 0.02 * value if step > 1 else value
-            if step % 50 == 0 or step == total:
+            if step % 20 == 0 or step == total:
                 rate = seen / (time.monotonic() - started)
                 logger.info("step %d/%d loss %.4f (%.1f examples/s)", step, total, running, rate)
     model.eval()
@@ -255,12 +255,10 @@ def _pairs(examples: Sequence[Example]) -> list[QAPair]:
     return [QAPair(ex.question, ex.answer) for ex in examples]
 
 
-def evaluate(
-    clf: EmbeddedClassifier, mix: Mix, harm_cal: Platt, correct_at: float
-) -> dict[str, Any]:
-    """Per-source metrics on each source's held-out test split, plus pooled ECE."""
-    logits, _ = clf.logits(_pairs(mix.test))
-    probs = harm_cal(logits[:, 0]).tolist()
+def evaluate(clf: EmbeddedClassifier, mix: Mix, correct_at: float) -> dict[str, Any]:
+    """Per-source metrics on each held-out test split, scored through the public ``classify``."""
+    verdicts = clf.classify(_pairs(mix.test))
+    probs = [v.score for v in verdicts]
     report: dict[str, Any] = {"sources": {}}
     pooled_p: list[float] = []
     pooled_y: list[int] = []
@@ -269,13 +267,19 @@ def evaluate(
         exs = [mix.test[i] for i in idx]
         row: dict[str, Any] = {"n": len(idx), "licence": SOURCES[source].licence}
         if source == "openai_moderation":
-            for k, code in enumerate(CATEGORIES):
-                pairs = [(logits[i, k + 1].item(), mix.test[i].categories[k]) for i in idx]  # type: ignore[index]
-                known = [(s, y) for s, y in pairs if y >= 0]
+            for k, (code, name) in enumerate(CATEGORIES.items()):
+                known = [
+                    (verdicts[i].categories[name], ex.categories[k])  # type: ignore[index]
+                    for i, ex in zip(idx, exs, strict=True)
+                    if ex.categories[k] >= 0  # type: ignore[index]
+                ]
                 if known:
                     s, y = zip(*known, strict=True)
                     row[f"auroc_{code}"] = _r(auroc(s, y), 4)
                     row[f"positives_{code}"] = sum(y)
+            flagged = [max(verdicts[i].categories.values()) for i in idx]
+            any_label = [int(any(c == 1 for c in ex.categories or ())) for ex in exs]
+            row["f1_any_category_at_0.5"] = _r(threshold_metrics(flagged, any_label, 0.5)["f1"], 4)
         elif source == "hh_rlhf":
             by_group: dict[str, dict[int, float]] = {}
             for i, ex in zip(idx, exs, strict=True):
@@ -309,10 +313,14 @@ def _labelled(examples: Sequence[Example]) -> list[Example]:
 def calibrate(clf: EmbeddedClassifier, mix: Mix) -> dict[str, Any]:
     """Platt parameters for harm and each category, fitted on the validation split."""
     val = _labelled(mix.val)
-    logits, _ = clf.logits(_pairs(val))
+    logits, counts = clf.logits(_pairs(val))
+    scored = [i for i, n in enumerate(counts) if n]  # empty answers score 0 by definition
+    val, logits = [val[i] for i in scored], logits[scored]
     harm = Platt.fit(logits[:, 0], torch.tensor([float(ex.label or 0) for ex in val]))
     cat_val = [ex for ex in mix.val if ex.categories is not None]
-    cat_logits, _ = clf.logits(_pairs(cat_val))
+    cat_logits, counts = clf.logits(_pairs(cat_val))
+    cat_val = [ex for ex, n in zip(cat_val, counts, strict=True) if n]
+    cat_logits = cat_logits[[i for i, n in enumerate(counts) if n]]
     categories = {}
     for k, code in enumerate(CATEGORIES):
         rows = [(i, ex.categories[k]) for i, ex in enumerate(cat_val) if ex.categories[k] >= 0]  # type: ignore[index]
@@ -362,19 +370,19 @@ def run(
         },
     }
     save_classifier(out, model, config)
-    raw = EmbeddedClassifier(out, base_model=base_model, calibrated=False)
-    cal = calibrate(raw, mix)
-    bands = cal.pop("bands")
-    report = evaluate(raw, mix, Platt(**cal["harm"]), bands["correct_at"] or 1.0)
+    cal = calibrate(EmbeddedClassifier(out, base_model=base_model, calibrated=False), mix)
     config.update(
-        calibration={"harm": cal["harm"], "categories": cal["categories"]},
-        bands=bands,
-        metrics={
-            "val_ece": cal["val_ece"],
-            "val_ece_uncalibrated": cal["val_ece_uncalibrated"],
-            "test": report,
-            "minutes": round((time.monotonic() - started) / 60, 1),
-        },
+        calibration={"harm": cal["harm"], "categories": cal["categories"]}, bands=cal["bands"]
     )
+    save_classifier(out, model, config)
+    report = evaluate(
+        EmbeddedClassifier(out, base_model=base_model), mix, cal["bands"]["correct_at"] or 1.0
+    )
+    config["metrics"] = {
+        "val_ece": cal["val_ece"],
+        "val_ece_uncalibrated": cal["val_ece_uncalibrated"],
+        "test": report,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
     save_classifier(out, model, config)
     return config
