@@ -378,6 +378,16 @@ def test_async_retries_and_stream_retries_before_the_first_event(
     parts = list(corrector.stream_correction(PAIRS[2]))
     assert parts[-1].text == expected[2] and len(proxy.seen) == 3
 
+    async def astream() -> list[str | Correction]:
+        return [p async for p in corrector.astream_correction(PAIRS[2])]
+
+    proxy.reset("429:0", "drop")
+    aparts = asyncio.run(astream())
+    assert aparts[-1].text == expected[2] and len(proxy.seen) == 3
+    proxy.reset("cut:600")
+    with pytest.raises(CorrectorError, match="broke"):
+        asyncio.run(astream())
+
 
 def test_a_stream_cut_after_its_first_event_is_a_corrector_error(
     proxy: FaultProxy, tiny_lm_path: Path
