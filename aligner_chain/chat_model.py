@@ -37,7 +37,6 @@ from pydantic import ConfigDict, Field
 
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.inputs import question_of
-from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.runnable import AlignerRunnable, tool_call_chunks
 
 _PARTS = ("classifier", "corrector", "policy", "rule", "recorder")
@@ -256,25 +255,8 @@ class AlignedChatModel(BaseChatModel):
     ) -> AIMessage:
         """Apply ``policy.on_error`` to an answer the step cannot judge (no question or answer
         text, a re-asked answer without text), keeping it recorded; the result is final."""
-        policy = self.aligner.policy
-        refuse = policy.on_error == "fail_closed"
         human = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
-        record = DecisionRecord(
-            route=Route.REFUSE if refuse else Route.PASSTHROUGH,
-            initial_route=Route.PASSTHROUGH,
-            mode=policy.mode,
-            question=human.text if human is not None else "",
-            original_answer=answer.text,
-            final_answer=policy.refusal_message if refuse else answer.text,
-            fallback="refuse" if refuse else None,
-            changed=refuse,
-            errors=[f"input: {exc}"],
-            notes=[] if refuse else ["fail_open: kept the original answer"],
-        )
-        self.aligner._record([record])
-        meta = {**answer.response_metadata, "aligner": record.to_metadata()}
-        content = record.final_answer if refuse else answer.content
-        return answer.model_copy(update={"content": content, "response_metadata": meta})
+        return self.aligner.unjudged(human.text if human is not None else "", answer, exc)
 
 
 def with_aligner(llm: BaseChatModel, **options: Any) -> AlignedChatModel:

@@ -61,13 +61,13 @@ def upstream_from_env() -> BaseChatModel:
     return _chat_model(spec)
 
 
-def classifier_from_env() -> HarmClassifier | None:
-    """The classifier named by ``ALIGNER_CLASSIFIER``; None for ``none``."""
-    spec = _env(CLASSIFIER) or "embedded"
+def classifier_from_spec(spec: str) -> HarmClassifier | None:
+    """A classifier from a spec: ``embedded``, ``none`` (None: correct every answer),
+    ``judge:<init_chat_model spec>``, ``guard:<model>``, or a sequence-classifier folder or id."""
     if spec == "none":
         return None
     if spec == "embedded":
-        return _shipped(defaults.default_classifier, f"set {CLASSIFIER} to a classifier")
+        return _shipped(defaults.default_classifier, f"name another classifier ({CLASSIFIER})")
     if spec.startswith("judge:"):
         from aligner_chain.classifiers.runnable import RunnableClassifier
 
@@ -81,19 +81,17 @@ def classifier_from_env() -> HarmClassifier | None:
     return SequenceClassifier(spec)
 
 
-def corrector_from_env(template: str | None = None) -> Corrector:
-    """The corrector named by ``ALIGNER_CORRECTOR`` / ``ALIGNER_CORRECTOR_URL``.
-
-    ``template`` overrides ``ALIGNER_TEMPLATE`` (the RAG graph needs ``aligner-rag``); the
-    embedded mini Aligner keeps the prompt it was trained on, so it cannot take one.
-    """
-    model, url = _env(CORRECTOR), _env(CORRECTOR_URL)
-    template = template or _env(TEMPLATE)
+def corrector_from_spec(
+    model: str | None = None, url: str | None = None, template: str | None = None
+) -> Corrector:
+    """A corrector: a local folder or hub id, or (with ``url``) an OpenAI-compatible server
+    serving ``model``; neither: the embedded mini Aligner, which keeps the prompt it was
+    trained on, so it cannot take a ``template``."""
     if url is not None:
         if model is None:
             raise ConfigurationError(
-                f"{CORRECTOR_URL} needs {CORRECTOR}: the served model's name (its tokenizer is "
-                "loaded locally to build the prompt)"
+                f"a corrector URL ({CORRECTOR_URL}) needs the served model's name "
+                f"({CORRECTOR}); its tokenizer is loaded locally to build the prompt"
             )
         from aligner_chain.correctors.remote import OpenAICompatibleCorrector
 
@@ -104,21 +102,51 @@ def corrector_from_env(template: str | None = None) -> Corrector:
         return TransformersCorrector(model, template=template)
     if template is not None:
         raise ConfigurationError(
-            f"the prompt template {template!r} needs {CORRECTOR} or {CORRECTOR_URL}: the "
-            "embedded mini Aligner only takes the prompt it was trained on"
+            f"the prompt template {template!r} needs a corrector model ({CORRECTOR} or "
+            f"{CORRECTOR_URL}): the embedded mini Aligner only takes the prompt it was trained on"
         )
-    return _shipped(defaults.default_corrector, f"set {CORRECTOR} or {CORRECTOR_URL}")
+    return _shipped(
+        defaults.default_corrector, f"name a corrector ({CORRECTOR} or {CORRECTOR_URL})"
+    )
+
+
+def build_aligner(
+    *,
+    classifier: str = "embedded",
+    model: str | None = None,
+    url: str | None = None,
+    policy: str | None = None,
+    template: str | None = None,
+) -> AlignerRunnable:
+    """The whole step from specs (what the CLI's flags and the graphs' variables name)."""
+    loaded = RoutingPolicy.load(policy) if policy else RoutingPolicy()
+    judge = classifier_from_spec(classifier)
+    if judge is None:
+        loaded = loaded.model_copy(update={"mode": "always"})
+    corrector = None if loaded.mode == "shadow" else corrector_from_spec(model, url, template)
+    return AlignerRunnable(classifier=judge, corrector=corrector, policy=loaded)
+
+
+def classifier_from_env() -> HarmClassifier | None:
+    """The classifier named by ``ALIGNER_CLASSIFIER``; None for ``none``."""
+    return classifier_from_spec(_env(CLASSIFIER) or "embedded")
+
+
+def corrector_from_env(template: str | None = None) -> Corrector:
+    """The corrector named by ``ALIGNER_CORRECTOR`` / ``ALIGNER_CORRECTOR_URL``;
+    ``template`` overrides ``ALIGNER_TEMPLATE`` (the RAG graph needs ``aligner-rag``)."""
+    return corrector_from_spec(_env(CORRECTOR), _env(CORRECTOR_URL), template or _env(TEMPLATE))
 
 
 def aligner_from_env(template: str | None = None) -> AlignerRunnable:
     """The whole step: classifier, corrector and policy from the environment."""
-    path = _env(POLICY)
-    policy = RoutingPolicy.load(path) if path else RoutingPolicy()
-    classifier = classifier_from_env()
-    if classifier is None:
-        policy = policy.model_copy(update={"mode": "always"})
-    corrector = None if policy.mode == "shadow" else corrector_from_env(template)
-    return AlignerRunnable(classifier=classifier, corrector=corrector, policy=policy)
+    return build_aligner(
+        classifier=_env(CLASSIFIER) or "embedded",
+        model=_env(CORRECTOR),
+        url=_env(CORRECTOR_URL),
+        policy=_env(POLICY),
+        template=template or _env(TEMPLATE),
+    )
 
 
 def _shipped(factory: Any, hint: str) -> Any:
@@ -126,7 +154,7 @@ def _shipped(factory: Any, hint: str) -> Any:
     try:
         return factory()
     except (AlignerError, ImportError, OSError) as exc:
-        raise ConfigurationError(f"{exc}; {hint} (see aligner_chain.env)") from exc
+        raise ConfigurationError(f"{exc}; {hint}") from exc
 
 
 def _chat_model(spec: str) -> BaseChatModel:

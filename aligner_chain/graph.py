@@ -176,7 +176,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         """LangGraph's error handler for this node: runs once its retries are exhausted."""
         exc = error.error
         if isinstance(exc, AlignerStageError):
-            self.recording._record([exc.record])
+            self.recording.record_decisions([exc.record])
             return self._pass(exc.message)
         answer = _answer(state)
         if isinstance(exc, (RefusedError, ConfigurationError)) or answer is None:
@@ -284,7 +284,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
         message = _with_record(answer, result.content, record)
         if record.errors and self.retry_policy is not None:
             raise AlignerStageError(message, record)
-        self.recording._record([record])  # the runnable's recorder and its error handling
+        self.recording.record_decisions([record])  # the runnable's recorder and its error handling
         if call.reask:
             feedback = HumanMessage(
                 self.policy.feedback(call.reask[0][1], draft),
@@ -301,21 +301,7 @@ class AlignerNode(Runnable[dict[str, Any], Command]):
 
     def _unjudged(self, answer: AIMessage, exc: BaseException) -> Command:
         """Apply ``on_error`` to an answer the step could not judge."""
-        refuse = self.policy.on_error == "fail_closed"
-        original = answer.text
-        record = DecisionRecord(
-            route=Route.REFUSE if refuse else Route.PASSTHROUGH,
-            initial_route=Route.PASSTHROUGH,
-            mode=self.policy.mode,
-            question="",
-            original_answer=original,
-            final_answer=self.policy.refusal_message if refuse else original,
-            fallback="refuse" if refuse else None,
-            changed=refuse,
-            errors=[f"{type(exc).__name__}: {exc}"],
-            notes=[] if refuse else ["fail_open: kept the original answer"],
-        )
-        return self._pass(_with_record(answer, record.final_answer, record))
+        return self._pass(self.recording.unjudged("", answer, exc))
 
 
 def aligner_node(

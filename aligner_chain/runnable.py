@@ -153,7 +153,7 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 results[index] = RefusedError("the answer could not be made safe", w.record)
             else:
                 results[index] = self._message(w)
-        self._record([by_turn[id(t)].record for t in turns if id(t) in by_turn])
+        self.record_decisions([by_turn[id(t)].record for t in turns if id(t) in by_turn])
         return [results[i] for i in range(len(turns))]
 
     def _per_item(self, work: list[_Work], results: Any, stage: str) -> Iterator[tuple[_Work, Any]]:
@@ -277,22 +277,37 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
                 self._settle(w, texts[id(w)])
 
     def _message(self, w: _Work) -> AIMessage:
-        record = w.record
-        meta = {**(w.turn.message.response_metadata if w.turn.message else {})}
-        meta["aligner"] = record.to_metadata()
-        if w.turn.message is not None:
-            return w.turn.message.model_copy(
-                update={"content": record.final_answer, "response_metadata": meta}
-            )
-        return AIMessage(content=record.final_answer, response_metadata=meta)
+        return _with_record(w.turn.message, w.record)
 
-    def _record(self, records: list[DecisionRecord]) -> None:
+    def record_decisions(self, records: list[DecisionRecord]) -> None:
+        """Hand records to the recorder when the policy says to record; a failing recorder is
+        logged, never raised: recording must not cost the user their answer."""
         if not (self.policy.record and self.recorder is not None and records):
             return
         try:
             self.recorder.record(records)
-        except Exception:  # recording must never cost the user their answer
+        except Exception:
             logger.exception("recording %d decisions failed", len(records))
+
+    def unjudged(self, question: str, answer: AIMessage, error: BaseException) -> AIMessage:
+        """Apply ``policy.on_error`` to an answer the step cannot judge (no question, no text):
+        ``fail_open`` keeps it, ``fail_closed`` refuses; either way the record holds the error
+        and the original, and is recorded. Surfaces that must not raise use this."""
+        refuse = self.policy.on_error == "fail_closed"
+        record = DecisionRecord(
+            route=Route.REFUSE if refuse else Route.PASSTHROUGH,
+            initial_route=Route.PASSTHROUGH,
+            mode=self.policy.mode,
+            question=question,
+            original_answer=answer.text,
+            final_answer=self.policy.refusal_message if refuse else answer.text,
+            fallback="refuse" if refuse else None,
+            changed=refuse,
+            errors=[f"input: {type(error).__name__}: {error}"],
+            notes=[] if refuse else ["fail_open: kept the original answer"],
+        )
+        self.record_decisions([record])
+        return _with_record(answer, record)
 
     # -- drivers -----------------------------------------------------------------------------
 
@@ -559,6 +574,18 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
 
         async for chunk in self.atransform(one(), config, **kwargs):
             yield chunk
+
+
+def _with_record(message: AIMessage | None, record: DecisionRecord) -> AIMessage:
+    """The answer message with its record: same id and metadata, and its original content
+    (blocks included) unless the answer was changed."""
+    if message is None:
+        return AIMessage(
+            content=record.final_answer, response_metadata={"aligner": record.to_metadata()}
+        )
+    meta = {**message.response_metadata, "aligner": record.to_metadata()}
+    content = record.final_answer if record.changed else message.content
+    return message.model_copy(update={"content": content, "response_metadata": meta})
 
 
 @dataclass

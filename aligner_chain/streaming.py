@@ -101,13 +101,9 @@ class SentenceGuard:
             self.top = verdict
         route = policy.decide(pair, verdict, self.aligner.rule)
         if route is Route.SKIP or policy.mode == "shadow":
-            return self._release(
-                StreamEvent(type="text", text=sentence, score=verdict.score)
-            )
+            return self._release(StreamEvent(type="text", text=sentence, score=verdict.score))
         if route is Route.REFUSE:
-            return self._stop(
-                sentence, verdict.score, "refuse band", force_refusal=True
-            )
+            return self._stop(sentence, verdict.score, "refuse band", force_refusal=True)
         # Correct (a re-ask cannot happen mid-stream: the upstream is still answering).
         fix = QAPair(self.question, sentence, self.released or self.context)
         corrections = yield Effect("correct", [fix], "sentence")
@@ -123,9 +119,7 @@ class SentenceGuard:
             if isinstance(after, Exception):
                 return self._failed("classifier", after, sentence)
             if policy.is_flagged(after[0]):
-                return self._stop(
-                    sentence, verdict.score, "the correction was still flagged"
-                )
+                return self._stop(sentence, verdict.score, "the correction was still flagged")
         return self._release(
             StreamEvent(
                 type="correction",
@@ -143,9 +137,7 @@ class SentenceGuard:
     def _failed(self, stage: str, exc: Exception, sentence: str) -> list[StreamEvent]:
         self.errors.append(f"{stage}: {type(exc).__name__}: {exc}")
         if self.policy.on_error == "fail_open":
-            return self._release(
-                StreamEvent(type="text", text=sentence, reason="fail_open")
-            )
+            return self._release(StreamEvent(type="text", text=sentence, reason="fail_open"))
         return self._stop(sentence, None, f"{stage} failed", force_refusal=True)
 
     def _stop(
@@ -159,24 +151,16 @@ class SentenceGuard:
         fallback = "refuse" if force_refusal else self.policy.fallback
         if fallback == "original":
             return self._release(
-                StreamEvent(
-                    type="text", text=sentence, score=score, reason=f"{reason}; kept"
-                )
+                StreamEvent(type="text", text=sentence, score=score, reason=f"{reason}; kept")
             )
         if fallback == "raise":
-            self.events.append(
-                StreamEvent(type="stop", text="", original=sentence, reason=reason)
-            )
-            raise RefusedError(
-                f"streamed answer could not be made safe: {reason}", self.record()
-            )
+            self.events.append(StreamEvent(type="stop", text="", original=sentence, reason=reason))
+            raise RefusedError(f"streamed answer could not be made safe: {reason}", self.record())
         text = (" " if self.released and not self.released[-1].isspace() else "") + (
             self.policy.refusal_message
         )
         return self._release(
-            StreamEvent(
-                type="stop", text=text, original=sentence, score=score, reason=reason
-            )
+            StreamEvent(type="stop", text=text, original=sentence, score=score, reason=reason)
         )
 
     def record(self) -> DecisionRecord:
@@ -219,9 +203,7 @@ class AnswerFeed:
 
     def add(self, chunk: Any) -> str:
         """Take one input chunk; return the answer text it adds."""
-        if isinstance(chunk, dict) and not (
-            "messages" in chunk and "question" not in chunk
-        ):
+        if isinstance(chunk, dict) and not ("messages" in chunk and "question" not in chunk):
             for key in ("question", "context"):
                 value = chunk.get(key)
                 if value is not None:
@@ -249,14 +231,10 @@ class AnswerFeed:
                 else AIMessageChunk(**value.model_dump(exclude={"type"}))
             )
             self.message = chunk if self.message is None else self.message + chunk
-            if getattr(chunk, "tool_call_chunks", None) or getattr(
-                chunk, "tool_calls", None
-            ):
+            if getattr(chunk, "tool_call_chunks", None) or getattr(chunk, "tool_calls", None):
                 self.tool_calls = True
             return "" if self.tool_calls else chunk.text
-        raise InputError(
-            f"answer must be text or an AI message, got {type(value).__name__}"
-        )
+        raise InputError(f"answer must be text or an AI message, got {type(value).__name__}")
 
     def guard(self, aligner: Any) -> SentenceGuard:
         if self.question is None or not self.question.strip():
@@ -272,13 +250,9 @@ def _chunk(event: StreamEvent) -> AIMessageChunk:
 def _announce(event: StreamEvent, config: RunnableConfig) -> None:
     """Tell ``astream_events`` consumers and LangGraph's ``custom`` stream mode."""
     name = f"aligner_{event.type}"
-    with contextlib.suppress(
-        RuntimeError
-    ):  # outside a run there is no parent to attach to
+    with contextlib.suppress(RuntimeError):  # outside a run there is no parent to attach to
         dispatch_custom_event(name, event.to_dict(), config=config)
-    with contextlib.suppress(
-        Exception
-    ):  # outside a LangGraph node there is no stream writer
+    with contextlib.suppress(Exception):  # outside a LangGraph node there is no stream writer
         from langgraph.config import get_stream_writer
 
         get_stream_writer()({"aligner": event.to_dict()})
@@ -286,23 +260,19 @@ def _announce(event: StreamEvent, config: RunnableConfig) -> None:
 
 async def _aannounce(event: StreamEvent, config: RunnableConfig) -> None:
     with contextlib.suppress(RuntimeError):
-        await adispatch_custom_event(
-            f"aligner_{event.type}", event.to_dict(), config=config
-        )
+        await adispatch_custom_event(f"aligner_{event.type}", event.to_dict(), config=config)
     with contextlib.suppress(Exception):
         from langgraph.config import get_stream_writer
 
         get_stream_writer()({"aligner": event.to_dict()})
 
 
-def _final(
-    aligner: Any, guard: SentenceGuard, timings: dict[str, float]
-) -> AIMessageChunk:
+def _final(aligner: Any, guard: SentenceGuard, timings: dict[str, float]) -> AIMessageChunk:
     if not guard.original.strip():
         raise InputError("answer is empty")
     record = guard.record()
     record.timings_ms = {k: round(v, 3) for k, v in timings.items()}
-    aligner._record([record])
+    aligner.record_decisions([record])
     return AIMessageChunk(
         content="",
         response_metadata={"aligner": record.to_metadata()},

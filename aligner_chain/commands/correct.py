@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from aligner_chain.classifiers.base import HarmClassifier
-from aligner_chain.classifiers.sequence import SequenceClassifier
-from aligner_chain.correctors.transformers import TransformersCorrector
-from aligner_chain.defaults import default_classifier, default_corrector
+from aligner_chain.env import build_aligner
 from aligner_chain.errors import InputError
-from aligner_chain.routing import RoutingPolicy
-from aligner_chain.runnable import AlignerRunnable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", help="corrector: local folder or hub id (default: the embedded mini Aligner)"
     )
     p.add_argument(
+        "--corrector-url", help="an OpenAI-compatible server serving --model (e.g. vLLM)"
+    )
+    p.add_argument(
         "--classifier",
         default="embedded",
-        help="'embedded' (default), a sequence-classifier folder or hub id, or 'none' to "
-        "correct every answer (the paper's setting)",
+        help="'embedded' (default), 'none' (correct every answer: the paper's setting), "
+        "'judge:<init_chat_model spec>', 'guard:<model>', or a sequence-classifier folder or id",
     )
     p.add_argument("--template", help="prompt preset name or format string")
     p.add_argument("--policy", help="routing policy file (.yaml or .json)")
@@ -37,28 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _classifier(spec: str) -> HarmClassifier | None:
-    if spec == "none":
-        return None
-    if spec == "embedded":
-        return default_classifier()
-    return SequenceClassifier(spec)
-
-
 def run(args: argparse.Namespace) -> int:
     for name in ("question", "answer"):
         if not getattr(args, name).strip():
             raise InputError(f"--{name} is empty")
-    policy = RoutingPolicy.load(args.policy) if args.policy else RoutingPolicy()
-    classifier = _classifier(args.classifier)
-    if classifier is None:
-        policy = policy.model_copy(update={"mode": "always"})
-    corrector = (
-        TransformersCorrector(args.model, template=args.template)
-        if args.model
-        else default_corrector()
+    step = build_aligner(
+        classifier=args.classifier,
+        model=args.model,
+        url=args.corrector_url,
+        policy=args.policy,
+        template=args.template,
     )
-    step = AlignerRunnable(classifier=classifier, corrector=corrector, policy=policy)
     message = step.invoke({"question": args.question, "answer": args.answer})
     if args.json:
         print(json.dumps(message.response_metadata["aligner"], indent=2, ensure_ascii=False))
