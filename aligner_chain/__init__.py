@@ -5,6 +5,7 @@ from typing import Any
 from aligner_chain.chat_model import AlignedChatModel, with_aligner
 from aligner_chain.classifiers import (
     CascadeClassifier,
+    EmbeddedClassifier,
     GuardModelClassifier,
     HarmClassifier,
     RunnableClassifier,
@@ -46,6 +47,7 @@ __all__ = [
     "Corrector",
     "CorrectorError",
     "DecisionRecord",
+    "EmbeddedClassifier",
     "GuardModelClassifier",
     "HarmClassifier",
     "InputError",

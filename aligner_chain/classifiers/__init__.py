@@ -2,6 +2,7 @@
 
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.classifiers.cascade import CascadeClassifier
+from aligner_chain.classifiers.embedded import DEFAULT_BANDS, EmbeddedClassifier
 from aligner_chain.classifiers.guard import LLAMA_GUARD_3_CATEGORIES, GuardModelClassifier
 from aligner_chain.classifiers.remote import OpenAICompatibleGuardClassifier
 from aligner_chain.classifiers.runnable import RunnableClassifier, parse_judgement
@@ -9,8 +10,10 @@ from aligner_chain.classifiers.sequence import BEAVER_DAM_CATEGORIES, SequenceCl
 
 __all__ = [
     "BEAVER_DAM_CATEGORIES",
+    "DEFAULT_BANDS",
     "LLAMA_GUARD_3_CATEGORIES",
     "CascadeClassifier",
+    "EmbeddedClassifier",
     "GuardModelClassifier",
     "HarmClassifier",
     "OpenAICompatibleGuardClassifier",
