@@ -82,9 +82,7 @@ class SentenceBuffer:
         if self.pending.count("```") % 2 == 1:
             # An open code fence starts a unit that is complete only when it closes; the text
             # before it is complete already.
-            ready = split_sentences(
-                self.pending[: self.pending.rfind("```")], self.language
-            )
+            ready = split_sentences(self.pending[: self.pending.rfind("```")], self.language)
         else:
             ready = split_sentences(self.pending, self.language)[:-1]
         self._take(ready)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+# Offline before transformers is imported (it reads these at import time): a hub id that is not
+# cached must fail at once, not wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED_DATA = Path(
     os.environ.get("ALIGNER_DATA_DIR", Path(__file__).parents[2] / "shared" / "data")

@@ -88,7 +88,10 @@ def build_sequence_classifier(out: Path, *, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(out)
     torch.manual_seed(seed)
     config = _llama_config(
-        tokenizer, num_labels=2, id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1}
+        tokenizer,
+        num_labels=2,
+        id2label={0: "safe", 1: "unsafe"},
+        label2id={"safe": 0, "unsafe": 1},
     )
     LlamaForSequenceClassification(config).save_pretrained(out)
     return out
