@@ -152,6 +152,15 @@ def expected_calibration_error(scores: np.ndarray, labels: np.ndarray) -> float:
     return sum(n * abs(p - o) for n, p, o in reliability(scores, labels)) / len(scores)
 
 
+def wilson(k: np.ndarray, n: int, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (95% by default) of the proportions ``k / n``."""
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+
+
 # -- thresholds and bands --------------------------------------------------------------------
 
 
@@ -197,6 +206,7 @@ def fit_operating_point(
     raw_first: np.ndarray | None = None,
     second: np.ndarray | None = None,
     budget: float = 0.0,
+    conservative: bool = False,
 ) -> tuple[float, tuple[float, float] | None]:
     """``(correct_at, band)`` meeting ``target`` best.
 
@@ -204,7 +214,10 @@ def fit_operating_point(
     ``raw_first`` scores (inclusive, at most ``budget`` of the pairs) whose pairs are decided by
     ``second`` instead; both stages are compared with the same threshold, so pass calibrated
     scores. Ties go to fewer escalations, and the band is trimmed to the pairs where the stages
-    disagree. When an FPR target cannot be met the threshold flags nothing.
+    disagree. ``conservative`` holds the Wilson 95% bound, not the sample rate, to the target
+    (FPR upper bound <= target, recall lower bound >= target), which leaves room for the
+    optimism of choosing among many thresholds on one sample. When an FPR target cannot be met
+    the threshold flags nothing.
     """
     if second is None or raw_first is None or budget <= 0.0:
         second, raw_first, budget = first, first, 0.0
@@ -221,10 +234,12 @@ def fit_operating_point(
         fp = cum[2][-1] - (cum[2][stops] - cum[2][starts]) + (cum[3][stops] - cum[3][starts])
         escalated = stops - starts
         if target.metric == "fpr":
-            ok = fp <= target.value * negatives + 1e-9
+            bound = wilson(fp, negatives)[1] if conservative else fp / negatives
+            ok = bound <= target.value + 1e-9
             keys = (-tp, escalated, fp)
         else:
-            ok = tp >= target.value * positives - 1e-9
+            bound = wilson(tp, positives)[0] if conservative else tp / positives
+            ok = bound >= target.value - 1e-9
             keys = (fp, escalated, -tp)
         if not ok.any():
             continue
@@ -267,14 +282,11 @@ class Estimate:
     n: int
 
     @classmethod
-    def of(cls, k: int, n: int, z: float = 1.959964) -> Estimate:
+    def of(cls, k: int, n: int) -> Estimate:
         if n == 0:
             return cls(math.nan, 0.0, 1.0, 0, 0)
-        p = k / n
-        denom = 1.0 + z * z / n
-        centre = (p + z * z / (2 * n)) / denom
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-        return cls(p, max(0.0, centre - half), min(1.0, centre + half), int(k), int(n))
+        low, high = wilson(np.asarray(k), n)
+        return cls(k / n, float(low), float(high), int(k), int(n))
 
     def __str__(self) -> str:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.k}/{self.n})"
@@ -343,6 +355,7 @@ def calibrate(
     holdout: float = 0.0,
     seed: int = 0,
     base: RoutingPolicy | None = None,
+    conservative: bool = False,
 ) -> CalibrationResult:
     """Fit a policy on ``(labels, first[, second])`` raw scores; see the module docstring.
 
@@ -369,6 +382,7 @@ def calibrate(
         raw_first=first[fit_idx],
         second=None if second is None else cal["second"][fit_idx],
         budget=budget,
+        conservative=conservative,
     )
 
     def combined(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -404,7 +418,7 @@ def calibrate(
         "n_evaluated": len(eval_idx),
         "evaluated_on": "a held-out split" if holdout else "the fit sample: in-sample, optimistic",
         "harmful_share": float(labels.mean()),
-        "target": {"metric": target.metric, "value": target.value},
+        "target": {"metric": target.metric, "value": target.value, "conservative": conservative},
         "recalibration": recalibrate,
         "thresholds": {"correct_at": correct_at, **upper},
         "cascade_band": list(band) if band else None,
@@ -424,7 +438,7 @@ def calibrate(
     if second is not None:  # what each stage alone would do at the same target
         report["alone"] = {}
         for name in stages:
-            t, _ = fit_operating_point(y_fit, cal[name][fit_idx], target)
+            t, _ = fit_operating_point(y_fit, cal[name][fit_idx], target, conservative=conservative)
             alone = evaluate(cal[name][eval_idx], y_eval, Bands(correct_at=t))
             report["alone"][name] = {"correct_at": t, **alone}
     curves = {
@@ -461,8 +475,9 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"- sample: {report['n_fit']} pairs fitted, {report['n_evaluated']} evaluated "
         f"({report['evaluated_on']}); harmful share {report['harmful_share']:.3f}",
-        f"- target: {report['target']['metric']} {report['target']['value']}; "
-        f"re-calibration: {report['recalibration']}",
+        f"- target: {report['target']['metric']} {report['target']['value']}"
+        + (" (Wilson 95% bound)" if report["target"]["conservative"] else "")
+        + f"; re-calibration: {report['recalibration']}",
         "- thresholds: " + ", ".join(f"{k} = {_num(v)}" for k, v in t.items()),
     ]
     if report["second_stage_budget"] is not None:

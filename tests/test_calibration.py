@@ -10,6 +10,7 @@ import pytest
 
 from aligner_chain import CascadeClassifier, QAPair, Route, RoutingPolicy, Verdict
 from aligner_chain.calibration import (
+    Estimate,
     Target,
     calibrate,
     expected_calibration_error,
@@ -46,6 +47,18 @@ def test_single_stage_threshold_is_recovered(target: Target, expected: float) ->
     y, s = overlapping(8000)
     threshold, band = fit_operating_point(y, s, target)
     assert threshold == pytest.approx(expected, abs=0.01) and band is None
+
+
+def test_conservative_targets_hold_the_wilson_bound() -> None:
+    y, s = overlapping(2000)
+    negatives = int((y == 0).sum())
+    plain, _ = fit_operating_point(y, s, Target("fpr", 0.05))
+    strict, _ = fit_operating_point(y, s, Target("fpr", 0.05), conservative=True)
+    assert strict > plain
+    fp = int(((s >= strict) & (y == 0)).sum())
+    assert Estimate.of(fp, negatives).high <= 0.05 < Estimate.of(fp, negatives).value + 0.02
+    low_recall, _ = fit_operating_point(y, s, Target("recall", 0.9), conservative=True)
+    assert low_recall < fit_operating_point(y, s, Target("recall", 0.9))[0]
 
 
 def test_separable_scores_give_the_exact_boundary() -> None:

@@ -60,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     target.add_argument("--target-recall", type=float, help="min share of harmful answers flagged")
     p.add_argument(
+        "--conservative",
+        action="store_true",
+        help="hold the Wilson 95%% bound of the FPR/recall, not the sample rate, to the target",
+    )
+    p.add_argument(
         "--second-stage-budget",
         type=float,
         default=0.1,
@@ -153,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         seed=args.seed,
         base=base,
+        conservative=args.conservative,
     )
     result.report["data"] = str(args.data)
     result.policy.save(args.out)
