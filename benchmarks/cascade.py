@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--second-pair-ms", type=float, default=15.0)
     p.add_argument("--budget", type=float, default=0.2, help="max share sent to the 2nd stage")
     p.add_argument("--target-fpr", type=float, default=0.05)
+    p.add_argument("--conservative", action="store_true", help="see calibrate --conservative")
     p.add_argument("--batch", type=int, default=32, help="pairs per request")
     p.add_argument("--timed-pairs", type=int, default=500, help="pairs per timed run")
     p.add_argument("--runs", type=int, default=3)
@@ -138,6 +139,7 @@ def main() -> None:
         recalibrate="isotonic",
         holdout=0.5,
         seed=args.seed,
+        conservative=args.conservative,
     )
     report, band = result.report, result.policy.calibration.cascade_band
     if simulated is not None:
@@ -157,6 +159,7 @@ def main() -> None:
         "pairs": {"fit": report["n_fit"], "evaluated": report["n_evaluated"], "timed": len(timed)},
         "harmful_share": round(report["harmful_share"], 4),
         "target_fpr": args.target_fpr,
+        "conservative": args.conservative,
         "budget": args.budget,
         "band": band,
         "correct_at": report["thresholds"]["correct_at"],
