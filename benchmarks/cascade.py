@@ -109,11 +109,17 @@ def main() -> None:
     p.add_argument("--timed-pairs", type=int, default=500, help="pairs per timed run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: no spinning on a loaded box)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cascade.json")
     args = p.parse_args()
     started = time.time()
 
     import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     pairs, labels = sample(args.data_dir, args.pairs, args.seed)
     first = load_classifier(args.first)
@@ -180,6 +186,7 @@ def main() -> None:
         else f"simulated: error {args.second_error}, {args.second_call_ms} ms/call + "
         f"{args.second_pair_ms} ms/pair",
         "batch": args.batch,
+        "torch_threads": args.threads,
         "runs": args.runs,
         "seed": args.seed,
     }
