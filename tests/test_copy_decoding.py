@@ -143,3 +143,11 @@ def test_drafter_follows_the_original_in_order() -> None:
     assert drafter.propose(3, stop=set()) == ([4, 5, 1], 6)
     assert drafter.propose(3, stop={5}) == ([4], 6)
     assert CopyDrafter([7, 8]).propose(4, stop=set()) == ([], 0)
+
+
+def test_half_precision_needs_opting_in(tiny_lm_path) -> None:
+    """In bf16 a near-tie can flip when several tokens are checked in one pass."""
+    path = str(tiny_lm_path)
+    assert not TransformersCorrector(path, dtype="bfloat16")._copy_drafts
+    forced = GenerationSettings(copy_drafts=True)
+    assert TransformersCorrector(path, dtype="bfloat16", generation=forced)._copy_drafts

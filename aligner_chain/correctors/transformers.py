@@ -35,7 +35,10 @@ class GenerationSettings(BaseModel):
     ``copy_drafts`` lets a local model decode one answer at a time with drafts copied from the
     input (:mod:`~aligner_chain.correctors.copy_decoding`): the same tokens in fewer forward
     passes. It applies only to plain greedy decoding (no sampling, penalty or ``extra``
-    kwargs), where it is exact; batches of several answers use batched ``generate``.
+    kwargs); batches of several answers use batched ``generate``. ``None`` (default) turns it
+    on for float32 weights, where checking several tokens in one pass picks the same tokens;
+    in half precision a near-tie can flip (as with any change of batch shape), so it takes
+    ``True`` there.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -49,7 +52,7 @@ class GenerationSettings(BaseModel):
     new_tokens_margin: int = Field(default=64, ge=1)
     max_new_tokens_cap: int = Field(default=2048, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
-    copy_drafts: bool = True
+    copy_drafts: bool | None = None
 
     @classmethod
     def preset(cls, name: Literal["greedy", "paper"]) -> GenerationSettings:
@@ -147,11 +150,11 @@ class TransformersCorrector(PromptPreparation, Corrector):
         tok = self.loaded.tokenizer
         self._eos_ids = _eos_ids(self.loaded.model, tok)
         self._overhead = len(self._encode(self.template.format("", "")))
-        self._copy_drafts = (
-            self.generation.copy_drafts
-            and self.generation.plain_greedy
-            and supports_copy_drafts(self.loaded.model)
-        )
+        model = self.loaded.model
+        wanted = self.generation.copy_drafts
+        if wanted is None:
+            wanted = model.dtype == torch.float32
+        self._copy_drafts = wanted and self.generation.plain_greedy and supports_copy_drafts(model)
         self.batcher = make_runner(self._correct_batch, batching)
 
     # -- generation --------------------------------------------------------------------------
