@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,35 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """Seconds per run of each variant; the order alternates each run so drift hits both."""
+@dataclass
+class Timings:
+    """Per run, the median seconds per call of each variant: wall clock, and this process's
+    CPU time (all its threads), which preemption by other processes does not inflate."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], runs: int, calls: int = 1) -> Timings:
+    """Time ``calls`` calls of each variant per run, taking turns call by call (the order
+    alternates), so a load spike hits every variant; medians per call drop stretched calls."""
     names = list(variants)
     for fn in variants.values():  # warm-up: lazy imports, caches, thread start
         fn()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    timings = Timings({n: [] for n in names}, {n: [] for n in names})
     for r in range(runs):
-        for name in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        for c in range(calls):
+            for name in names if (r + c) % 2 == 0 else reversed(names):
+                w, t = time.perf_counter(), time.process_time()
+                variants[name]()
+                cpu[name].append(time.process_time() - t)
+                wall[name].append(time.perf_counter() - w)
+        for name in names:
+            timings.wall[name].append(statistics.median(wall[name]))
+            timings.cpu[name].append(statistics.median(cpu[name]))
+    return timings
 
 
 def median(values: list[float]) -> float:

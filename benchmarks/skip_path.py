@@ -1,12 +1,13 @@
 """Skip path: what the Aligner step adds to a chain when the classifier lets the answer through.
 
-    python benchmarks/skip_path.py   # --calls 300 --runs 7
+    python benchmarks/skip_path.py   # --calls 500 --runs 5
 
 The same chain (question -> fake chat model -> {question, answer}) is timed with and without an
-``AlignerRunnable`` at its end; the classifier is a rule returning 0.0, so the answer is always
-skipped. The classifier's own time (``classifier.invoke`` of one pair, in the same run) is
-subtracted: what is left is the plumbing (parsing, routing, records, child runs, the output
-message). Target: <= 1 ms per call.
+``AlignerRunnable`` at its end, call by call in turns (median per call, per run). The
+classifier is a rule returning 0.0, so the answer is always skipped; its own time
+(``classifier.invoke`` of one pair, timed in the same turns) is subtracted. What is left is the
+plumbing: parsing, routing, records, child runs, the output message. Target: <= 1 ms per call.
+Wall clock and CPU time are both reported; on a loaded machine CPU time is the steadier one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ANSWER = "Mix flour, water, yeast and salt, knead, let it rise for an hour, then
 
 def main() -> None:
     p = parser(__doc__ or "", "skip_path.json")
-    p.add_argument("--calls", type=int, default=300, help="chain calls per timed run")
+    p.add_argument("--calls", type=int, default=500, help="calls of each variant per run")
     args = parse(p)
     started = time.time()
 
@@ -46,33 +47,27 @@ def main() -> None:
     pair = [QAPair(question["question"], ANSWER)]
     assert guarded.invoke(question).response_metadata["aligner"]["route"] == "skip"
 
-    def loop(fn):  # type: ignore[no-untyped-def]
-        return lambda: [fn() for _ in range(args.calls)]
-
-    times = interleaved(
+    timings = interleaved(
         {
-            "unguarded": loop(lambda: unguarded.invoke(question)),
-            "guarded": loop(lambda: guarded.invoke(question)),
-            "classifier_alone": loop(lambda: classifier.invoke(pair)),
+            "unguarded": lambda: unguarded.invoke(question),
+            "guarded": lambda: guarded.invoke(question),
+            "classifier_alone": lambda: classifier.invoke(pair),
         },
         args.runs,
+        calls=args.calls,
     )
-    per_call_ms = {k: [t / args.calls * 1000 for t in v] for k, v in times.items()}
-    plumbing = [
-        g - u - c
-        for g, u, c in zip(
-            per_call_ms["guarded"], per_call_ms["unguarded"], per_call_ms["classifier_alone"]
-        )
-    ]
-    figures = {
-        "unguarded_ms_per_call": round(median(per_call_ms["unguarded"]), 4),
-        "guarded_ms_per_call": round(median(per_call_ms["guarded"]), 4),
-        "classifier_alone_ms_per_call": round(median(per_call_ms["classifier_alone"]), 4),
-        "plumbing_overhead_ms_per_call": round(median(plumbing), 4),
-        "plumbing_overhead_ms_per_run": [round(x, 4) for x in plumbing],
-        "target_ms": 1.0,
-        "meets_target": median(plumbing) <= 1.0,
-    }
+    figures: dict[str, object] = {"target_ms": 1.0}
+    for clock, times in (("wall", timings.wall), ("cpu", timings.cpu)):
+        ms = {k: [t * 1000 for t in v] for k, v in times.items()}
+        plumbing = [
+            g - u - c for g, u, c in zip(ms["guarded"], ms["unguarded"], ms["classifier_alone"])
+        ]
+        figures[clock] = {
+            **{f"{k}_ms_per_call": round(median(v), 4) for k, v in ms.items()},
+            "plumbing_overhead_ms_per_call": round(median(plumbing), 4),
+            "plumbing_overhead_ms_per_run": [round(x, 4) for x in plumbing],
+            "meets_target": median(plumbing) <= 1.0,
+        }
     write(args.out, figures, {"calls": args.calls, "runs": args.runs}, started)
 
 
