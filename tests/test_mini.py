@@ -87,6 +87,7 @@ def test_model_card_states_the_measured_figures(tmp_path: Path) -> None:
         "train_seconds": 1800,
         "total_seconds": 2400,
         "process_cpu_seconds": 3000,
+        "command": "aligner-chain train --preset mini --out DIR",
         "config": asdict(TINY) | {"train": TINY.train.model_dump()},
     }
     card = write_model_card(out, report).read_text()

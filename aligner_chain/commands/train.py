@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--preset mini builds its own data and model: drop --data/--model")
         preset = MiniConfig().train.model_dump()
         config = MiniConfig(train=TrainConfig(**{**preset, **overrides}))
+        command = shlex.join(["aligner-chain", *sys.argv[1:]])
         result, report = train_mini(
-            args.data_dir, args.out, config, resume=args.resume, progress=progress
+            args.data_dir, args.out, config, resume=args.resume, progress=progress, command=command
         )
         if report is not None:
             summary = {k: v for k, v in report.items() if k not in ("examples", "config")}

@@ -268,6 +268,7 @@ def train_mini(
     *,
     resume: bool = False,
     progress: bool = True,
+    command: str = "aligner-chain train --preset mini --out DIR",
 ) -> tuple[TrainResult, dict[str, Any] | None]:
     """Build the mix and backbone, train, and (when finished) evaluate on held-out pairs."""
     started = time.perf_counter()
@@ -296,6 +297,7 @@ def train_mini(
     report["train_seconds"] = result.seconds
     report["total_seconds"] = time.perf_counter() - started
     report["process_cpu_seconds"] = time.process_time()
+    report["command"] = command
     report["config"] = asdict(config) | {"train": config.train.model_dump()}
     (out / "mini_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_model_card(out, report)
@@ -344,7 +346,7 @@ weights {weights / 1e6:.1f} MB (fp32 safetensors).
 Command (2-core CPU, no GPU, shared with other jobs):
 
 ```bash
-nice -n 10 aligner-chain -v train --preset mini --out DIR --data-dir ../shared/data
+{report["command"]}
 ```
 
 - Data: {report["train_examples"]} Q-A-C examples built by
