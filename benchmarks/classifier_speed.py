@@ -2,7 +2,8 @@
 
     python benchmarks/classifier_speed.py   # --data-dir ../shared/data --out <json>
 
-Each variant runs in its own process, so its peak RSS is its own. Pairs come from the held-out
+Each variant runs in its own process on pairs sampled by the parent, so its peak RSS is the
+classifier's (plus the sampled pairs), not the data loader's. Pairs come from the held-out
 test splits (response-level sources with human or judge labels), limited to <= 256 tokens for
 the speed figures; AUROC uses all sampled pairs at full length (long answers are windowed).
 Not a test: numbers depend on the machine and on what else runs on it (the load average is
@@ -20,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +39,16 @@ LABELLED = (
 
 def _sample(data_dir: Path, n: int, seed: int) -> list[tuple[str, str, int]]:
     from aligner_chain.training.classifier_data import build_mix
+    from aligner_chain.training.train_classifier import TrainSettings
 
-    test = [ex for ex in build_mix(data_dir, seed=seed).test if ex.source in LABELLED]
+    caps = TrainSettings()  # the shipped model's test split
+    mix = build_mix(
+        data_dir,
+        seed=seed,
+        max_train_per_source=caps.max_train_per_source,
+        max_eval_per_source=caps.max_eval_per_source,
+    )
+    test = [ex for ex in mix.test if ex.source in LABELLED]
     random.Random(seed).shuffle(test)
     return [(ex.question, ex.answer, int(ex.label or 0)) for ex in test[:n]]
 
@@ -50,7 +60,7 @@ def _variant(args: argparse.Namespace) -> dict[str, object]:
     from aligner_chain.training.train_classifier import auroc
     from aligner_chain.types import QAPair
 
-    rows = _sample(args.data_dir, args.pairs, args.seed)
+    rows = [tuple(r) for r in json.loads(args.sample.read_text())]
     clf = EmbeddedClassifier(quantize=args.variant, batch_size=args.batch_size)
     tok = clf.loaded.encoder.tokenizer
 
@@ -126,17 +136,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", choices=["none", "int8"], help=argparse.SUPPRESS)
+    parser.add_argument("--sample", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_variant(args)))
         return
     result: dict[str, object] = {"machine": _machine()}
-    for variant in ("none", "int8"):
-        cmd = [sys.executable, __file__, "--variant", variant]
-        for name in ("data_dir", "pairs", "speed_pairs", "single_pairs", "runs", "batch_size"):
-            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        result["fp32" if variant == "none" else "int8"] = json.loads(proc.stdout.splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "pairs.json"
+        sample.write_text(json.dumps(_sample(args.data_dir, args.pairs, args.seed)))
+        for variant in ("none", "int8"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--sample", str(sample)]
+            for name in ("speed_pairs", "single_pairs", "runs", "batch_size"):
+                cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            key = "fp32" if variant == "none" else "int8"
+            result[key] = json.loads(proc.stdout.splitlines()[-1])
+    result["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)  # type: ignore[index]
     fp32, int8 = result["fp32"], result["int8"]
     result["auroc_loss_int8"] = round(fp32["auroc"] - int8["auroc"], 4)  # type: ignore[index]
     args.out.parent.mkdir(parents=True, exist_ok=True)

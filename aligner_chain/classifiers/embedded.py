@@ -110,9 +110,9 @@ class HarmModel(nn.Module):
 class Windowing:
     """How a pair becomes model inputs: question tail, then answer windows with overlap."""
 
-    max_length: int = 128
-    question_tokens: int = 48
-    overlap: int = 32
+    max_length: int
+    question_tokens: int
+    overlap: int
 
 
 class PairEncoder:

@@ -321,9 +321,9 @@ def refusal_pool(examples: list[Example]) -> list[str]:
 def build_mix(
     data_dir: Path,
     *,
-    seed: int = 0,
-    max_train_per_source: int = 2500,
-    max_eval_per_source: int = 800,
+    seed: int,
+    max_train_per_source: int,
+    max_eval_per_source: int,
 ) -> Mix:
     """Load every source, split it, and cap each split per source (seeded subsample)."""
     if not (data_dir / "SOURCES.md").exists():

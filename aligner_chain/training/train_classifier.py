@@ -52,17 +52,17 @@ class TrainSettings:
     """Everything that determines the result; stored in the output config."""
 
     epochs: int = 1
-    max_length: int = 128
-    question_tokens: int = 48
-    overlap: int = 32
+    max_length: int = 96
+    question_tokens: int = 32
+    overlap: int = 24
     batch_size: int = 16
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup: float = 0.06
     rank_weight: float = 0.5
     seed: int = 0
-    max_train_per_source: int = 2500
-    max_eval_per_source: int = 800
+    max_train_per_source: int = 700
+    max_eval_per_source: int = 300
 
     def check(self) -> None:
         if self.max_length > 512 or self.question_tokens + self.overlap + 8 > self.max_length:
