@@ -13,8 +13,10 @@ its forward pass is the real computation, and the token it picks greedily at eac
 the one Aligner-2B wrote there. Its drafts are therefore accepted or rejected exactly as they
 would be for Aligner-2B's output, at this model's cost per forward pass, and every correction
 is decoded to the end. A random model cannot copy by itself, and a tiny model trained for
-minutes on CPU rewrites nothing like a real Aligner does. With ``--model`` the model's own
-greedy output is decoded instead (e.g. the embedded mini Aligner).
+minutes on CPU rewrites nothing like a real Aligner does. With ``--bias 1.5`` the replay is
+weak and the random model's own logits, near-ties included, decide many tokens (an exactness
+stress test). With ``--model`` the model's own greedy output is decoded instead (e.g. the
+embedded mini Aligner).
 
 Both variants run through ``TransformersCorrector.correct`` of one pair (copy drafts on and
 off), interleaved; outputs must be identical. Corrections are capped at ``--max-new-tokens``.
@@ -70,8 +72,9 @@ def build_tokenizer(texts: list[str], out: Path) -> Any:
     return fast
 
 
-def build_replay_model(tokenizer: Any, size: str, out: Path) -> type:
-    """Save a random Llama of ``size`` to ``out``; return its replaying subclass."""
+def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> type:
+    """Save a random Llama of ``size`` to ``out``; return its replaying subclass, which adds
+    ``bias`` to the scripted token's logit."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +92,7 @@ def build_replay_model(tokenizer: Any, size: str, out: Path) -> type:
             for i in range(width):
                 j = total - width + i + 1 - self.prompt_len  # script index predicted here
                 if 0 <= j < len(self.script):
-                    out.logits[:, i, self.script[j]] += 1e4
+                    out.logits[:, i, self.script[j]] += bias
             return out
 
     torch.manual_seed(0)
@@ -141,6 +144,13 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=8, help="triples per subset")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bias",
+        type=float,
+        default=1e4,
+        help="logit bonus of the replayed token; a small one (e.g. 1.5) lets the random "
+        "model's own logits, near-ties included, decide many tokens: an exactness stress test",
+    )
     args = parse(p)
     started = time.time()
 
@@ -160,7 +170,7 @@ def main() -> None:
     if args.model is None:
         texts = [t[k] for t in triples for k in ("instruction", "original_output", "output")]
         tokenizer = build_tokenizer(texts, work)
-        replay = build_replay_model(tokenizer, args.size, work)
+        replay = build_replay_model(tokenizer, args.size, work, args.bias)
     path = str(args.model or work)
     cap = GenerationSettings(max_new_tokens_cap=args.max_new_tokens)
     copying = TransformersCorrector(path, template=args.template, generation=cap, batching=False)
@@ -273,6 +283,7 @@ def main() -> None:
         "template": args.template,
         "runs": args.runs,
         "seed": args.seed,
+        "replay_bias": args.bias if replay is not None else None,
     }
     write(args.out, figures, config, started)
 
