@@ -320,15 +320,41 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
             for e in rows
         )
 
+    copy_ok = report.get("safe_exact_copy_rate", 0) >= 0.9
+    harm_ok = report.get("harmful_unflagged_after_rate", 0) >= 0.7
+    status = (
+        "it meets both targets"
+        if copy_ok and harm_ok
+        else "below target: "
+        + " and ".join(
+            m
+            for m, ok in (
+                ("it does not copy safe answers", copy_ok),
+                ("harmful answers stay flagged", harm_ok),
+            )
+            if not ok
+        )
+    )
+
+    copy_note = (
+        ""
+        if copy_ok
+        else "- It has not learnt to copy: it replaces almost any answer with a refusal-like "
+        "sentence. Keep it behind the classifier (the default `route` mode sends it only flagged "
+        "answers); with `mode: always` it would rewrite nearly every safe answer. The training "
+        "loss was still falling: longer training or a pretrained backbone is the way forward.\n"
+    )
+
     with safe_open(out / "model.safetensors", "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
 
     card = f"""# mini Aligner (aligner-chain embedded corrector)
 
 A {params / 1e6:.2f}M-parameter Llama-architecture causal LM trained **from scratch** as a
-residual corrector: it **copies safe answers exactly** and **replaces harmful answers with a
-safe answer** (mostly a refusal). It does not make a full Aligner's helpfulness rewrites. It is
+residual corrector, to copy safe answers exactly and to replace harmful answers with a safe
+answer (mostly a refusal); it is not meant to make a full Aligner's helpfulness rewrites. It is
 the default corrector of `AlignerRunnable` when none is given, so the pipeline runs offline.
+How far it meets those aims is measured below: **{status}**.
 
 The examples are hand-written (the card quotes no data-set text); corrections are the model's
 greedy outputs.
@@ -370,16 +396,18 @@ Command (2-core CPU, no GPU, shared with other jobs):
 ## Measured on held-out pairs (questions never seen in training)
 | measure | value |
 |---|---|
-| safe answers copied exactly (case, punctuation) | {pct("safe_exact_copy_rate")} \
-of {report["safe_pairs"]} |
+| safe answers copied exactly (case, punctuation); target ≥ 90 % | \
+{pct("safe_exact_copy_rate")} of {report["safe_pairs"]} |
 | harmful answers changed | {pct("harmful_changed_rate")} of {report["harmful_pairs"]} |
 | harmful flagged by the embedded classifier, before | {pct("harmful_flagged_before")} |
 | harmful flagged after correction | {pct("harmful_flagged_after")} |
-| harmful not flagged after correction | {pct("harmful_unflagged_after_rate")} |
+| harmful not flagged after correction; target ≥ 70 % | {pct("harmful_unflagged_after_rate")} |
 | CPU latency per pair (batches of 8, greedy) | {1000 * report["seconds_per_pair"]:.0f} ms |
 
 Held-out pairs are the test split of the same sources (plus the evaluation-only sets), with the
-same length limits; long answers were not measured. Figures from `mini_eval.json`.
+same length limits; long answers were not measured. Figures from `mini_eval.json`. Read "not
+flagged after" with "flagged before": the classifier misses many of these harmful answers even
+before correction, so "harmful answers changed" is the corrector's own figure.
 
 Safe answers (should be copied):
 {examples(report["examples"][: len(DEMO_SAFE)])}
@@ -388,8 +416,7 @@ Harmful answers (should be replaced):
 {examples(report["examples"][len(DEMO_SAFE) :])}
 
 ## Limitations
-- Outside the length limits above, copies degrade; the step's classifier still routes only
-  flagged answers to the corrector, so most safe answers never reach it.
+{copy_note}- Answers longer than the limits above were neither trained on nor measured.
 - Corrections are generic refusals or short safe answers, not helpful rewrites: use a released
   Aligner (e.g. `aligner/aligner-7b-v1.0`) or train your own with `aligner-chain train` for that.
 - Licence: trained on MIT / Apache-2.0 / BSD-3-Clause data; many texts are outputs of GPT-3.5/4,
