@@ -84,6 +84,8 @@ class MiniConfig:
     intermediate_size: int = 384
     context: int = 1024
     copies_per_correction: float = 1.0
+    max_train_per_source: int = 2500  # caps of the classifier mix the pairs are drawn from
+    max_eval_per_source: int = 800
     eval_pairs: int = 200
     seed: int = 0
     train: TrainConfig = field(
@@ -120,7 +122,12 @@ def build_mini_mix(data_dir: Path, config: MiniConfig = MiniConfig()) -> MiniMix
     from aligner_chain.training.classifier_data import build_mix, refusal_pool
 
     rng = random.Random(config.seed)
-    mix = build_mix(data_dir, seed=config.seed)
+    mix = build_mix(
+        data_dir,
+        seed=config.seed,
+        max_train_per_source=config.max_train_per_source,
+        max_eval_per_source=config.max_eval_per_source,
+    )
     seen = mix.train + mix.val
     refusals = [r for r in refusal_pool(seen) if len(r) <= MAX_CHARS]
     groups: dict[tuple[str, str], list[Any]] = {}
