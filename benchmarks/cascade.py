@@ -66,12 +66,16 @@ class SimulatedGuard(HarmClassifier):
 
 def sample(data_dir: Path, n: int, seed: int) -> tuple[list[QAPair], list[int]]:
     from aligner_chain.training.classifier_data import build_mix
+    from aligner_chain.training.train_classifier import TrainSettings
 
-    test = [
-        ex
-        for ex in build_mix(data_dir, seed=seed).test
-        if ex.label is not None and ex.rank_group is None  # absolute labels only
-    ]
+    caps = TrainSettings()  # the shipped model's test split
+    mix = build_mix(
+        data_dir,
+        seed=seed,
+        max_train_per_source=caps.max_train_per_source,
+        max_eval_per_source=caps.max_eval_per_source,
+    )
+    test = [ex for ex in mix.test if ex.label is not None and ex.rank_group is None]
     random.Random(seed).shuffle(test)
     test = test[:n]
     return [QAPair(ex.question, ex.answer) for ex in test], [int(ex.label or 0) for ex in test]
