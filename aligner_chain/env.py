@@ -119,11 +119,13 @@ def build_aligner(
     template: str | None = None,
 ) -> AlignerRunnable:
     """The whole step from specs (what the CLI's flags and the graphs' variables name)."""
-    loaded = RoutingPolicy.load(policy) if policy else RoutingPolicy()
+    loaded = RoutingPolicy.load(policy) if policy else None
     judge = classifier_from_spec(classifier)
     if judge is None:
-        loaded = loaded.model_copy(update={"mode": "always"})
-    corrector = None if loaded.mode == "shadow" else corrector_from_spec(model, url, template)
+        loaded = (loaded or RoutingPolicy()).model_copy(update={"mode": "always"})
+    shadow = loaded is not None and loaded.mode == "shadow"
+    corrector = None if shadow else corrector_from_spec(model, url, template)
+    # Without a policy file the classifier's own fitted bands apply.
     return AlignerRunnable(classifier=judge, corrector=corrector, policy=loaded)
 
 

@@ -73,7 +73,8 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
             (not needed when ``policy.mode="always"``).
         corrector: rewrites flagged answers; default: the embedded mini Aligner (not needed
             when ``policy.mode="shadow"``).
-        policy: the :class:`~aligner_chain.RoutingPolicy`.
+        policy: the :class:`~aligner_chain.RoutingPolicy`; default: the classifier's fitted
+            ``default_bands`` (the embedded classifier's are in its model card), else 0.5.
         upstream: the chat model (or message Runnable) to re-ask; without one a re-ask route
             becomes a correction, and the record says so.
         rule: a hook ``(pair, verdict, route) -> route | None`` that may override the route.
@@ -98,6 +99,11 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
             raise ConfigurationError("policy must be a RoutingPolicy")
         if kwargs.get("classifier") is None and policy.mode != "always":
             kwargs["classifier"] = defaults.default_classifier()
+        if kwargs.get("policy") is None:
+            kwargs.pop("policy", None)
+            bands = getattr(kwargs.get("classifier"), "default_bands", None)
+            if bands:
+                kwargs["policy"] = RoutingPolicy(**bands)  # fitted to this classifier's scores
         if kwargs.get("corrector") is None and policy.mode != "shadow":
             kwargs["corrector"] = defaults.default_corrector()
         super().__init__(**kwargs)

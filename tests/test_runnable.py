@@ -389,3 +389,13 @@ def test_recorder_receives_records(corrector) -> None:
     s = step(corrector, record=True, recorder=memory)
     s.batch([{"question": "q", "answer": "BOMB"}, {"question": "q", "answer": "ok"}])
     assert [r.original_answer for r in memory.got] == ["BOMB", "ok"]
+
+
+def test_classifier_bands_are_the_default_policy(corrector) -> None:
+    judge = RunnableClassifier(keyword_judge)
+    judge.default_bands = {"correct_at": 0.7, "reask_at": None, "refuse_at": 0.9}
+    s = AlignerRunnable(classifier=judge, corrector=corrector)
+    assert s.policy.correct_at == 0.7 and s.policy.refuse_at == 0.9
+    assert record(s.invoke({"question": "q", "answer": "meh"}))["route"] == "skip"
+    explicit = AlignerRunnable(classifier=judge, corrector=corrector, policy=RoutingPolicy())
+    assert explicit.policy.correct_at == 0.5

@@ -19,6 +19,9 @@ class HarmClassifier(PairBatchRunnable[Verdict]):
     """
 
     classifier_id: str = "classifier"
+    default_bands: dict[str, float | None] | None = None
+    """Routing bands fitted for this classifier's scores (``correct_at``, ``reask_at``,
+    ``refuse_at``); :class:`~aligner_chain.AlignerRunnable` uses them when no policy is given."""
 
     @abstractmethod
     def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
