@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from aligner_chain import QAPair, TransformersCorrector
 from aligner_chain.correctors.copy_decoding import (
@@ -151,3 +152,40 @@ def test_half_precision_needs_opting_in(tiny_lm_path) -> None:
     assert not TransformersCorrector(path, dtype="bfloat16")._copy_drafts
     forced = GenerationSettings(copy_drafts=True)
     assert TransformersCorrector(path, dtype="bfloat16", generation=forced)._copy_drafts
+
+
+class _CopyNudged(LlamaForCausalLM):
+    """The tiny Llama with ``bias`` added to the logit of the answer's next token: copy-heavy
+    output where the model's own logits still decide part of it (and its cache must be right)."""
+
+    script: ClassVar[list[int]] = []
+    prompt_len: ClassVar[int] = 0
+    bias: ClassVar[float] = 0.0
+
+    def forward(self, input_ids: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        width = out.logits.shape[1]
+        for i in range(width):
+            j = past + input_ids.shape[1] - width + i + 1 - self.prompt_len
+            if 0 <= j < len(self.script):
+                out.logits[:, i, self.script[j]] += self.bias
+        return out
+
+
+@pytest.mark.parametrize(("bias", "copied_all"), [(20.0, False), (40.0, True)])
+def test_copy_heavy_output_equals_plain_greedy(
+    copying: TransformersCorrector, tiny_lm_path, bias: float, copied_all: bool
+) -> None:
+    tok = copying.loaded.tokenizer
+    ids = tok(copying._prepare(PAIRS[1]).prompt, return_tensors="pt")["input_ids"]
+    model = _CopyNudged.from_pretrained(tiny_lm_path).eval()
+    _CopyNudged.script = tok(COPY_HEAVY, add_special_tokens=False)["input_ids"]
+    _CopyNudged.prompt_len, _CopyNudged.bias = ids.shape[1], bias
+    with torch.inference_mode():
+        tokens, stats = copy_greedy_generate(
+            model, ids, None, max_new_tokens=80, eos_ids={tok.eos_token_id}
+        )
+    assert tokens == _reference(model, ids, 80, tok.eos_token_id)
+    assert (tokens == _CopyNudged.script[:80]) is copied_all
+    assert stats.accepted >= 40 and stats.forward_passes < 40
