@@ -22,7 +22,8 @@ Both variants run through ``TransformersCorrector.correct`` of one pair (copy dr
 off), interleaved; outputs must be identical. Corrections are capped at ``--max-new-tokens``.
 Ablations, timed in the same turns: ``copy_no_backoff`` drafts at every step even after misses;
 ``loop_no_drafts`` runs the copy-aware decoding loop with drafting disabled, which shows how
-much of a speed-up comes from the loop's lower per-step overhead rather than from drafts.
+much of a speed-up comes from the loop's lower per-step overhead rather than from drafts;
+``hf_prompt_lookup`` is transformers' ``generate(prompt_lookup_num_tokens=10)``.
 """
 
 from __future__ import annotations
@@ -180,10 +181,16 @@ def main() -> None:
         generation=cap.model_copy(update={"copy_drafts": False}),
         batching=False,
     )
+    lookup = TransformersCorrector(  # transformers' own prompt-lookup decoding, for comparison
+        path,
+        template=args.template,
+        generation=cap.model_copy(update={"extra": {"prompt_lookup_num_tokens": 10}}),
+        batching=False,
+    )
     tok = copying.loaded.tokenizer
     if replay is not None:
         model = replay.from_pretrained(work).eval()
-        copying.loaded = plain.loaded = replace(copying.loaded, model=model)
+        copying.loaded = plain.loaded = lookup.loaded = replace(copying.loaded, model=model)
     model = copying.loaded.model
 
     def ids(text: str) -> list[int]:
@@ -225,7 +232,9 @@ def main() -> None:
     }
     for name, chosen in subsets.items():
         items = [select(t) for t in chosen]
-        assert run(copying, items) == run(plain, items), f"{name}: outputs differ"
+        reference = run(plain, items)
+        assert run(copying, items) == reference, f"{name}: outputs differ"
+        lookup_identical = run(lookup, items) == reference
         passes = tokens = drafted = accepted = 0
         for pair, script in items:
             prepared = copying._prepare(pair)
@@ -247,6 +256,7 @@ def main() -> None:
                 "plain": lambda i=items: run(plain, i),
                 "copy": lambda i=items: run(copying, i),
                 "copy_no_backoff": lambda i=items: patched(run, copying, i, MAX_PAUSE=0),
+                "hf_prompt_lookup": lambda i=items: run(lookup, i),
                 "loop_no_drafts": lambda i=items: patched(
                     run, copying, i, MIN_DRAFT=0, MAX_DRAFT=0
                 ),
@@ -269,6 +279,10 @@ def main() -> None:
             "speedup_without_backoff": round(
                 median(ratios(times["plain"], times["copy_no_backoff"])), 3
             ),
+            "speedup_of_hf_prompt_lookup": round(
+                median(ratios(times["plain"], times["hf_prompt_lookup"])), 3
+            ),
+            "hf_prompt_lookup_identical": lookup_identical,
             "speedup_of_loop_without_drafts": round(
                 median(ratios(times["plain"], times["loop_no_drafts"])), 3
             ),
