@@ -279,3 +279,12 @@ def test_score_fields_are_checked(tmp_path: Path) -> None:
         read_labelled(data, ["score"])
     with pytest.raises(InputError, match=":1: missing field 'guard'"):
         read_labelled(data, ["guard"])
+
+
+def test_cli_rejects_a_classifier_without_scores(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    write_data(data, n=10)
+    for spec, message in (("none", "needs a classifier"), ("no_such_mod:x", "cannot import")):
+        args = ["calibrate", "--data", str(data), "--classifier", spec]
+        assert main([*args, "--out", str(tmp_path / "p.yaml")]) == 2
+        assert message in capsys.readouterr().err

@@ -32,7 +32,8 @@ _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 SPEC_HELP = (
     "'embedded' (the shipped classifier), 'embedded:DIR' (one trained by train-classifier), "
-    "'guard:PATH' (a generative guard model such as Llama Guard), 'field:NAME' (scores already "
+    "'guard:PATH' (a generative guard model such as Llama Guard), 'judge:MODEL' (an LLM judge, "
+    "an init_chat_model spec), 'field:NAME' (scores already "
     "in the data, e.g. from a decision log), "
     "'module:attr' (a HarmClassifier, a factory returning one, or a (question, answer) -> score "
     "function), or a sequence-classifier folder or hub id"
@@ -89,20 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_classifier(spec: str) -> HarmClassifier:
-    """Build a classifier from a command-line spec (see ``--classifier``)."""
-    from aligner_chain.classifiers import GuardModelClassifier, RunnableClassifier
-    from aligner_chain.classifiers.sequence import SequenceClassifier
-    from aligner_chain.defaults import default_classifier
+    """A classifier from a command-line spec: the forms of
+    :func:`~aligner_chain.env.classifier_from_spec` plus ``embedded:DIR`` and ``module:attr``."""
+    from aligner_chain.classifiers import RunnableClassifier
+    from aligner_chain.env import classifier_from_spec
 
-    if spec == "embedded":
-        return default_classifier()
-    if spec.startswith("embedded:"):
+    prefix = spec.split(":", 1)[0]
+    if prefix == "embedded" and spec != "embedded":
         from aligner_chain.classifiers.embedded import EmbeddedClassifier
 
         return EmbeddedClassifier(spec.removeprefix("embedded:"))
-    if spec.startswith("guard:"):
-        return GuardModelClassifier(spec.removeprefix("guard:"), generate_categories_at=None)
-    if _IMPORT_SPEC.match(spec) and not Path(spec).exists():
+    if prefix not in ("judge", "guard") and _IMPORT_SPEC.match(spec) and not Path(spec).exists():
         module, attr = spec.split(":")
         try:
             obj = getattr(importlib.import_module(module), attr)
@@ -120,7 +118,10 @@ def load_classifier(spec: str) -> HarmClassifier:
         if not isinstance(made, HarmClassifier):
             raise ConfigurationError(f"{spec} is not a HarmClassifier, factory or judge function")
         return made
-    return SequenceClassifier(spec)
+    classifier = classifier_from_spec(spec)
+    if classifier is None:
+        raise ConfigurationError("calibration needs a classifier ('none' has no scores)")
+    return classifier
 
 
 def _field(spec: str | None) -> str | None:
