@@ -2,16 +2,18 @@
 
 from typing import Any
 
+from aligner_chain.batching import BatchingConfig, MicroBatcher
 from aligner_chain.chat_model import AlignedChatModel, with_aligner
 from aligner_chain.classifiers import (
     CascadeClassifier,
     EmbeddedClassifier,
     GuardModelClassifier,
     HarmClassifier,
+    OpenAICompatibleGuardClassifier,
     RunnableClassifier,
     SequenceClassifier,
 )
-from aligner_chain.correctors import Corrector, TransformersCorrector
+from aligner_chain.correctors import Corrector, OpenAICompatibleCorrector, TransformersCorrector
 from aligner_chain.errors import (
     AlignerError,
     BackpressureError,
@@ -26,6 +28,8 @@ from aligner_chain.graph import AlignerNode, AlignerStageError, add_aligner_step
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.routing import Bands, Calibration, RoutingPolicy, ScoreMap
 from aligner_chain.runnable import AlignerRunnable
+from aligner_chain.store import CorrectionRecorder, CorrectionStore, StoreError
+from aligner_chain.streaming import StreamEvent
 from aligner_chain.templates import PRESETS, PromptTemplate
 from aligner_chain.types import Correction, QAPair, Verdict
 
@@ -39,11 +43,14 @@ __all__ = [
     "AlignerStageError",
     "BackpressureError",
     "Bands",
+    "BatchingConfig",
     "Calibration",
     "CascadeClassifier",
     "ClassifierError",
     "ConfigurationError",
     "Correction",
+    "CorrectionRecorder",
+    "CorrectionStore",
     "Corrector",
     "CorrectorError",
     "DecisionRecord",
@@ -51,7 +58,10 @@ __all__ = [
     "GuardModelClassifier",
     "HarmClassifier",
     "InputError",
+    "MicroBatcher",
     "ModelLoadError",
+    "OpenAICompatibleCorrector",
+    "OpenAICompatibleGuardClassifier",
     "PromptTemplate",
     "QAPair",
     "RefusedError",
@@ -60,6 +70,8 @@ __all__ = [
     "RunnableClassifier",
     "ScoreMap",
     "SequenceClassifier",
+    "StoreError",
+    "StreamEvent",
     "TransformersCorrector",
     "Verdict",
     "add_aligner_step",
