@@ -1,13 +1,14 @@
 """Speed, memory and AUROC of the embedded classifier: fp32 vs the int8 fast path.
 
-    python benchmarks/classifier_speed.py   # --data-dir ../shared/data --out <json>
+    python benchmarks/classifier_speed.py   # --data-dir ../shared/data --threads 1 --out <json>
 
 Each variant runs in its own process on pairs sampled by the parent, so its peak RSS is the
 classifier's (plus the sampled pairs), not the data loader's. Pairs come from the held-out
 test splits (response-level sources with human or judge labels), limited to <= 256 tokens for
 the speed figures; AUROC uses all sampled pairs at full length (long answers are windowed).
 Not a test: numbers depend on the machine and on what else runs on it (the load average is
-recorded next to them).
+recorded next to them; CPU milliseconds per pair are less sensitive to other processes than
+wall-clock rates).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _variant(args: argparse.Namespace) -> dict[str, object]:
     from aligner_chain.training.train_classifier import auroc
     from aligner_chain.types import QAPair
 
+    torch.set_num_threads(args.threads)
     rows = [tuple(r) for r in json.loads(args.sample.read_text())]
     clf = EmbeddedClassifier(quantize=args.variant, batch_size=args.batch_size)
     tok = clf.loaded.encoder.tokenizer
@@ -70,11 +72,12 @@ def _variant(args: argparse.Namespace) -> dict[str, object]:
     short = [QAPair(q, a) for q, a, _ in rows if n_tokens(q, a) <= 256][: args.speed_pairs]
     lengths = [n_tokens(p.question, p.answer) for p in short]
     clf.classify(short[:8])  # warm-up
-    batched = []
+    batched, cpu_ms = [], []
     for _ in range(args.runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         clf.classify(short)
         batched.append(len(short) / (time.perf_counter() - t))
+        cpu_ms.append((time.process_time() - c) * 1000 / len(short))
     singles = []
     for _ in range(args.runs):
         for pair in short[: args.single_pairs]:
@@ -89,6 +92,7 @@ def _variant(args: argparse.Namespace) -> dict[str, object]:
         "tokens_mean": round(statistics.mean(lengths), 1),
         "tokens_max": max(lengths),
         "pairs_per_s_batched_median": round(statistics.median(batched), 1),
+        "cpu_ms_per_pair_batched_median": round(statistics.median(cpu_ms), 2),
         "single_pair_ms_median": round(statistics.median(singles), 2),
         "single_pair_ms_p90": round(sorted(singles)[int(0.9 * len(singles))], 2),
         "single_pair_timings": len(singles),
@@ -128,7 +132,10 @@ def _machine() -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/classifier_speed.json"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "classifier_speed.json"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 when shared)")
     parser.add_argument("--pairs", type=int, default=600, help="labelled pairs for AUROC")
     parser.add_argument("--speed-pairs", type=int, default=256, help="pairs for throughput")
     parser.add_argument("--single-pairs", type=int, default=40, help="pairs timed one by one")
@@ -147,7 +154,7 @@ def main() -> None:
         sample.write_text(json.dumps(_sample(args.data_dir, args.pairs, args.seed)))
         for variant in ("none", "int8"):
             cmd = [sys.executable, __file__, "--variant", variant, "--sample", str(sample)]
-            for name in ("speed_pairs", "single_pairs", "runs", "batch_size"):
+            for name in ("speed_pairs", "single_pairs", "runs", "batch_size", "threads"):
                 cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             key = "fp32" if variant == "none" else "int8"
