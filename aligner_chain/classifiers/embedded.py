@@ -272,7 +272,7 @@ class EmbeddedClassifier(HarmClassifier):
             package folder; a local path or hub id also works).
         quantize: ``auto`` (int8 dynamic quantisation where torch has the x86 engine, else
             fp32), ``int8`` or ``none`` (fp32). int8 quantises activations per batch, so a
-            pair's score can move by ~0.02 with its batch-mates; ``none`` is bit-stable.
+            pair's score moves with its batch-mates (up to 0.07 seen); ``none`` does not.
         batch_size: windows per forward pass.
         max_input_chars: longer questions or answers raise :class:`InputError` instead of
             silently costing seconds; chunking handles everything below it.
