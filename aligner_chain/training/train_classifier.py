@@ -73,7 +73,9 @@ class TrainSettings:
             raise ConfigurationError("epochs >= 1 and batch_size >= 2 are required")
 
 
-def _batches(train: list[Example], size: int, rng: random.Random, lengths: list[int]) -> list:
+def _batches(
+    train: list[Example], size: int, rng: random.Random, lengths: list[int]
+) -> list[list[int]]:
     """Length-bucketed batches (less padding on CPU); hh-rlhf pairs stay in one batch."""
     units: dict[str, list[int]] = {}
     for i, ex in enumerate(train):
