@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.runnables.config import run_in_executor
 
@@ -36,3 +37,23 @@ class HarmClassifier(PairBatchRunnable[Verdict]):
 
     async def _arun_batch(self, pairs: list[QAPair]) -> list[Verdict]:
         return await self.aclassify(pairs)
+
+
+class BatchedHarmClassifier(HarmClassifier):
+    """A model-backed classifier whose concurrent calls share forward passes.
+
+    Subclasses build ``self.batcher = make_runner(self._classify_batch, batching)`` (see
+    :mod:`aligner_chain.batching`) and implement :meth:`_classify_batch`.
+    """
+
+    batcher: Any
+
+    @abstractmethod
+    def _classify_batch(self, pairs: list[QAPair]) -> list[Verdict]:
+        """Score one (possibly coalesced) batch with the model."""
+
+    def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        return self.batcher(pairs)
+
+    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
+        return await self.batcher.acall(pairs)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aligner_chain.batching import BatchingConfig, make_runner
-from aligner_chain.classifiers.base import HarmClassifier
+from aligner_chain.classifiers.base import BatchedHarmClassifier
 from aligner_chain.errors import ClassifierError, ConfigurationError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, load_pretrained
 from aligner_chain.types import QAPair, Verdict
@@ -46,7 +46,7 @@ def parse_guard_output(text: str, categories: Mapping[str, str]) -> tuple[bool |
     return unsafe, [categories.get(code, code) for code in codes]
 
 
-class GuardModelClassifier(HarmClassifier):
+class GuardModelClassifier(BatchedHarmClassifier):
     """A generative guard model judged through its tokenizer's chat template.
 
     The score is the probability of the ``unsafe`` first token, renormalised against ``safe``
@@ -122,12 +122,6 @@ class GuardModelClassifier(HarmClassifier):
                 return_tensors="pt",
             )
         return {k: v.to(self.loaded.device) for k, v in enc.items() if k != "token_type_ids"}
-
-    def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        return self.batcher(pairs)
-
-    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        return await self.batcher.acall(pairs)
 
     def _classify_batch(self, pairs: list[QAPair]) -> list[Verdict]:
         inputs = self._inputs(pairs)

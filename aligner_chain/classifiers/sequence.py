@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from aligner_chain.batching import BatchingConfig, make_runner
-from aligner_chain.classifiers.base import HarmClassifier
+from aligner_chain.classifiers.base import BatchedHarmClassifier
 from aligner_chain.errors import ClassifierError, ConfigurationError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, load_pretrained
 from aligner_chain.types import QAPair, Verdict
@@ -34,7 +34,7 @@ BEAVER_DAM_CATEGORIES: tuple[str, ...] = (
 )
 
 
-class SequenceClassifier(HarmClassifier):
+class SequenceClassifier(BatchedHarmClassifier):
     """Any ``AutoModelForSequenceClassification`` as a harm classifier.
 
     Args:
@@ -123,12 +123,6 @@ class SequenceClassifier(HarmClassifier):
                     return_tensors="pt",
                 )
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
-
-    def classify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        return self.batcher(pairs)
-
-    async def aclassify(self, pairs: Sequence[QAPair]) -> list[Verdict]:
-        return await self.batcher.acall(pairs)
 
     def _classify_batch(self, pairs: list[QAPair]) -> list[Verdict]:
         try:
