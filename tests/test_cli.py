@@ -18,19 +18,24 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_correct_prints_the_record_as_json(tiny_lm_path) -> None:
-    done = cli(
+def correct_tiny(model, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``correct`` on the tiny model, correcting every answer (no classifier)."""
+    return cli(
         "correct",
         "-q",
         "How?",
         "-a",
         "Like this.",
         "--model",
-        str(tiny_lm_path),
+        str(model),
         "--classifier",
         "none",
-        "--json",
+        *extra,
     )
+
+
+def test_correct_prints_the_record_as_json(tiny_lm_path) -> None:
+    done = correct_tiny(tiny_lm_path, "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["original_answer"] == "Like this." and record["route"] == "correct"
@@ -39,19 +44,7 @@ def test_correct_prints_the_record_as_json(tiny_lm_path) -> None:
 def test_correct_prints_the_final_answer(tiny_lm_path, tmp_path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("mode: always\nverify_after_correct: false\n")
-    done = cli(
-        "correct",
-        "-q",
-        "How?",
-        "-a",
-        "Like this.",
-        "--model",
-        str(tiny_lm_path),
-        "--classifier",
-        "none",
-        "--policy",
-        str(policy),
-    )
+    done = correct_tiny(tiny_lm_path, "--policy", str(policy))
     assert done.returncode == 0 and done.stdout.strip()
 
 

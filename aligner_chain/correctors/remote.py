@@ -122,11 +122,7 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         model_id: str | None = None,
     ) -> None:
         self.template = PromptTemplate.resolve(template)
-        self.generation = (
-            generation
-            if isinstance(generation, GenerationSettings)
-            else GenerationSettings.preset(generation)
-        )
+        self.generation = GenerationSettings.resolve(generation)
         self.model = model
         if prompt_token_ids and mode != "completions":
             raise ConfigurationError("prompt_token_ids needs mode='completions'")

@@ -64,6 +64,11 @@ class GenerationSettings(BaseModel):
             )
         raise ConfigurationError(f"unknown generation preset {name!r} (greedy, paper)")
 
+    @classmethod
+    def resolve(cls, value: str | GenerationSettings) -> GenerationSettings:
+        """Settings as given, or the named preset."""
+        return value if isinstance(value, GenerationSettings) else cls.preset(value)  # type: ignore[arg-type]
+
     def budget(self, answer_tokens: int) -> int:
         return min(
             self.max_new_tokens_cap,
@@ -133,11 +138,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
         batching: BatchingConfig | bool = True,
     ) -> None:
         self.template = PromptTemplate.resolve(template)
-        self.generation = (
-            generation
-            if isinstance(generation, GenerationSettings)
-            else GenerationSettings.preset(generation)
-        )
+        self.generation = GenerationSettings.resolve(generation)
         self.loaded = load_causal_lm(
             model,
             device=device,
