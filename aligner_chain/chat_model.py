@@ -4,13 +4,16 @@ The inner model's answer is judged, and corrected, re-asked or refused, before t
 returns or streams anything. The inner call and the Aligner's stages run as child runs tagged
 ``nostream`` and detached from streaming callback handlers, so LangGraph's
 ``stream_mode="messages"`` and ``astream_events`` carry only the final answer. This is the
-no-leak surface: ``AlignerMiddleware`` and the LangGraph node stream the raw tokens first.
+no-leak surface in every streaming mode: the LangGraph node streams the raw tokens first, and
+so does ``AlignerMiddleware`` except in sentence mode under the v3 event protocol.
 """
 
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import Context, copy_context
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -23,6 +26,8 @@ from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.runnables.utils import coro_with_context
 from langchain_core.tools import BaseTool
 
 # Marker types of the handlers behind astream_events, stream_events(v3) and LangGraph's
@@ -38,6 +43,7 @@ from pydantic import ConfigDict, Field
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.inputs import question_of
 from aligner_chain.runnable import AlignerRunnable, tool_call_chunks
+from aligner_chain.streaming import aannounce, announce, chunk_events
 
 _PARTS = ("classifier", "corrector", "policy", "rule", "recorder")
 
@@ -71,9 +77,11 @@ class AlignedChatModel(BaseChatModel):
     re-asks included; the final message carries no ``usage_metadata`` of its own, which would
     count the same tokens twice.
 
-    Tracing: under ``invoke``/``ainvoke`` the inner run nests under this model's run. Under
-    ``stream`` langchain-core gives ``_stream`` no run manager, so the inner run nests under
-    the caller's run (the LangGraph node) instead.
+    Tracing: under ``invoke``/``ainvoke`` and ``stream``/``astream`` the inner run nests under
+    this model's run. When ``invoke`` streams implicitly (a streaming handler is attached, as in
+    LangGraph's messages mode) langchain-core gives ``_stream`` no run manager, so the inner run
+    nests under the caller's run (the LangGraph node) instead; sentence-streaming events then
+    reach ``astream_events`` under that run.
     """
 
     llm: BaseChatModel
@@ -137,6 +145,51 @@ class AlignedChatModel(BaseChatModel):
         """The inner model's structured output, uncorrected: the Aligner rewrites prose."""
         return self.llm.with_structured_output(schema, include_raw=include_raw, **kwargs)
 
+    # -- streaming entry points --------------------------------------------------------------
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """Stream as any chat model does, inside a context that names this model's run as the
+        parent: langchain-core gives ``_stream`` no run manager, and without it the inner run
+        would not nest under this one nor sentence events reach its ``astream_events``."""
+        config, context = _run_context(config)
+        chunks = context.run(super().stream, input, config, stop=stop, **kwargs)
+        try:
+            while True:
+                try:
+                    chunk = context.run(next, chunks)
+                except StopIteration:
+                    return
+                yield chunk
+        finally:
+            context.run(chunks.close)
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config, context = _run_context(config)
+        chunks = super().astream(input, config, stop=stop, **kwargs)
+        try:
+            while True:
+                try:
+                    chunk = await coro_with_context(chunks.__anext__(), context)
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await coro_with_context(chunks.aclose(), context)
+
     # -- generation --------------------------------------------------------------------------
 
     def _generate(
@@ -177,13 +230,18 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # No callbacks fired here: BaseChatModel reports every yielded chunk itself.
+        outer = ensure_config()
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         aligner = self._aligner(upstream)
         if aligner.policy.stream == "sentence":
-            # The inner model streams into the step, which releases judged sentences.
+            # The inner model streams into the step, which releases judged sentences. The
+            # step's own runs are hidden from streaming handlers, so its events are told to
+            # astream_events here, under this model's run (or the caller's).
             question = {"question": question_of(messages)}
             answer = ({"answer": c} for c in upstream.stream(messages, config))
             for chunk in aligner.transform(itertools.chain([question], answer), config):
+                for event in chunk_events(chunk):
+                    announce(event, outer, graph=False)
                 yield ChatGenerationChunk(message=chunk)
             return
         answer = upstream.invoke(messages, config)
@@ -205,6 +263,7 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        outer = ensure_config()
         upstream, config = self._start(messages, stop, kwargs, run_manager)
         aligner = self._aligner(upstream)
         if aligner.policy.stream == "sentence":
@@ -216,6 +275,8 @@ class AlignedChatModel(BaseChatModel):
                     yield {"answer": c}
 
             async for chunk in aligner.atransform(feed(), config):
+                for event in chunk_events(chunk):
+                    await aannounce(event, outer, graph=False)
                 yield ChatGenerationChunk(message=chunk)
             return
         answer = await upstream.ainvoke(messages, config)
@@ -286,6 +347,23 @@ def _hidden_config(
         if isinstance(handler, (_StreamingCallbackHandler, _V2StreamingCallbackHandler)):
             manager.remove_handler(handler)
     return {"callbacks": manager, "tags": [TAG_NOSTREAM]}
+
+
+def _run_context(config: RunnableConfig | None) -> tuple[RunnableConfig, Context]:
+    """The config of a streamed call with its run id fixed in advance, and a context whose
+    current config has callbacks parented to that run (``_stream`` reads it)."""
+    config = ensure_config(config)
+    run_id = config.get("run_id") or uuid.uuid4()
+    manager = CallbackManager.configure(
+        config.get("callbacks"),
+        inheritable_tags=config.get("tags"),
+        inheritable_metadata=config.get("metadata"),
+    )
+    manager.parent_run_id = run_id
+    context = copy_context()
+    current = var_child_runnable_config.get() or {}
+    context.run(var_child_runnable_config.set, {**current, "callbacks": manager})
+    return {**config, "run_id": run_id}, context
 
 
 def _own(message: AIMessage, answer: AIMessage, *, restore: bool = True) -> AIMessage:

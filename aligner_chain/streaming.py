@@ -35,6 +35,9 @@ from aligner_chain.runnable import Effect, _Done
 from aligner_chain.sentences import SentenceBuffer
 from aligner_chain.types import Correction, QAPair, Verdict
 
+EVENTS_KEY = "aligner_events"
+"""Where released chunks and streamed messages carry their non-text events (metadata key)."""
+
 
 class StreamEvent(BaseModel):
     """What the guard did with one sentence, as shown to clients.
@@ -83,6 +86,31 @@ class SentenceGuard:
         self.events: list[StreamEvent] = []
         self.errors: list[str] = []
         self.top: Verdict | None = None
+        self.timings: dict[str, float] = {}
+
+    def judge(
+        self, units: list[str], manager: CallbackManagerForChainRun, config: RunnableConfig
+    ) -> Iterator[StreamEvent]:
+        """Judge units in order with the aligner's sync driver; yields the released events."""
+        for unit in units:
+            for item in self.aligner._drive(self.step(unit), manager, config):
+                if isinstance(item, _Done):
+                    _add(self.timings, item.timings)
+                    yield from item.value
+
+    async def ajudge(
+        self,
+        units: list[str],
+        manager: AsyncCallbackManagerForChainRun | CallbackManagerForChainRun,
+        config: RunnableConfig,
+    ) -> AsyncIterator[StreamEvent]:
+        """The async variant of :meth:`judge`."""
+        for unit in units:
+            async for item in self.aligner._adrive(self.step(unit), manager, config):
+                if isinstance(item, _Done):
+                    _add(self.timings, item.timings)
+                    for event in item.value:
+                        yield event
 
     def step(self, sentence: str) -> Generator[Effect, Any, list[StreamEvent]]:
         """Judge one sentence; returns the events to release (none after a stop)."""
@@ -184,6 +212,7 @@ class SentenceGuard:
             classifier_id=getattr(self.aligner.classifier, "classifier_id", None),
             corrector_id=getattr(self.aligner.corrector, "model_id", None),
             stream_events=[e.to_dict() for e in self.events],
+            timings_ms={k: round(v, 3) for k, v in self.timings.items()},
         )
 
 
@@ -243,35 +272,43 @@ class AnswerFeed:
 
 
 def _chunk(event: StreamEvent) -> AIMessageChunk:
-    meta = {} if event.type == "text" else {"aligner_events": [event.to_dict()]}
+    meta = {} if event.type == "text" else {EVENTS_KEY: [event.to_dict()]}
     return AIMessageChunk(content=event.text, response_metadata=meta)
 
 
-def _announce(event: StreamEvent, config: RunnableConfig) -> None:
-    """Tell ``astream_events`` consumers and LangGraph's ``custom`` stream mode."""
-    name = f"aligner_{event.type}"
+def announce(event: StreamEvent, config: RunnableConfig, *, graph: bool = True) -> None:
+    """Tell ``astream_events`` consumers (a custom event under ``config``'s run) and, with
+    ``graph``, LangGraph's ``custom`` stream mode: the two channels are disjoint."""
     with contextlib.suppress(RuntimeError):  # outside a run there is no parent to attach to
-        dispatch_custom_event(name, event.to_dict(), config=config)
+        dispatch_custom_event(f"aligner_{event.type}", event.to_dict(), config=config)
+    if graph:
+        _write(event)
+
+
+async def aannounce(event: StreamEvent, config: RunnableConfig, *, graph: bool = True) -> None:
+    """The async variant of :func:`announce`."""
+    with contextlib.suppress(RuntimeError):
+        await adispatch_custom_event(f"aligner_{event.type}", event.to_dict(), config=config)
+    if graph:
+        _write(event)
+
+
+def _write(event: StreamEvent) -> None:
     with contextlib.suppress(Exception):  # outside a LangGraph node there is no stream writer
         from langgraph.config import get_stream_writer
 
         get_stream_writer()({"aligner": event.to_dict()})
 
 
-async def _aannounce(event: StreamEvent, config: RunnableConfig) -> None:
-    with contextlib.suppress(RuntimeError):
-        await adispatch_custom_event(f"aligner_{event.type}", event.to_dict(), config=config)
-    with contextlib.suppress(Exception):
-        from langgraph.config import get_stream_writer
-
-        get_stream_writer()({"aligner": event.to_dict()})
+def chunk_events(chunk: AIMessageChunk) -> list[StreamEvent]:
+    """The events a released chunk carries in ``response_metadata["aligner_events"]``."""
+    return [StreamEvent.model_validate(e) for e in chunk.response_metadata.get(EVENTS_KEY, [])]
 
 
-def _final(aligner: Any, guard: SentenceGuard, timings: dict[str, float]) -> AIMessageChunk:
+def _final(aligner: Any, guard: SentenceGuard) -> AIMessageChunk:
     if not guard.original.strip():
         raise InputError("answer is empty")
     record = guard.record()
-    record.timings_ms = {k: round(v, 3) for k, v in timings.items()}
     aligner.record_decisions([record])
     return AIMessageChunk(
         content="",
@@ -287,17 +324,13 @@ def stream_sentences(
     config: RunnableConfig,
 ) -> Iterator[AIMessageChunk]:
     """The sync sentence-streaming transform of :class:`~aligner_chain.AlignerRunnable`."""
-    feed, guard, early, timings = AnswerFeed(), None, "", {}
+    feed, guard, early = AnswerFeed(), None, ""
 
     def judge(units: list[str]) -> Iterator[AIMessageChunk]:
-        for unit in units:
-            for item in aligner._drive(guard.step(unit), run_manager, config):
-                if isinstance(item, _Done):
-                    _add(timings, item.timings)
-                    for event in item.value:
-                        if event.type != "text":
-                            _announce(event, config)
-                        yield _chunk(event)
+        for event in guard.judge(units, run_manager, config):
+            if event.type != "text":
+                announce(event, config)
+            yield _chunk(event)
 
     for chunk in inputs:
         delta = feed.add(chunk)
@@ -312,7 +345,7 @@ def stream_sentences(
         return
     guard = guard or feed.guard(aligner)
     yield from judge(guard.buffer.feed(early) + guard.buffer.flush())
-    yield _final(aligner, guard, timings)
+    yield _final(aligner, guard)
 
 
 async def astream_sentences(
@@ -322,17 +355,13 @@ async def astream_sentences(
     config: RunnableConfig,
 ) -> AsyncIterator[AIMessageChunk]:
     """The async variant; pending text is also forced out when it waits past ``max_ms``."""
-    feed, guard, early, timings = AnswerFeed(), None, "", {}
+    feed, guard, early = AnswerFeed(), None, ""
 
     async def judge(units: list[str]) -> AsyncIterator[AIMessageChunk]:
-        for unit in units:
-            async for item in aligner._adrive(guard.step(unit), run_manager, config):
-                if isinstance(item, _Done):
-                    _add(timings, item.timings)
-                    for event in item.value:
-                        if event.type != "text":
-                            await _aannounce(event, config)
-                        yield _chunk(event)
+        async for event in guard.ajudge(units, run_manager, config):
+            if event.type != "text":
+                await aannounce(event, config)
+            yield _chunk(event)
 
     iterator = inputs.__aiter__()
     pending_next: asyncio.Future[Any] | None = None
@@ -365,7 +394,7 @@ async def astream_sentences(
     guard = guard or feed.guard(aligner)
     async for out in judge(guard.buffer.feed(early) + guard.buffer.flush()):
         yield out
-    yield _final(aligner, guard, timings)
+    yield _final(aligner, guard)
 
 
 def _add(total: dict[str, float], more: dict[str, float]) -> None:

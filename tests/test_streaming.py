@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 
 from aligner_chain import (
@@ -250,3 +250,169 @@ def test_aligned_chat_model_streams_sentences_without_leaking(corrector) -> None
     assert SECRET not in streamed and "Then wait ten minutes." in streamed
     custom = [data["aligner"] for mode, data in parts if mode == "custom"]
     assert [e["type"] for e in custom] == ["correction"] and custom[0]["original"].strip() == SECRET
+
+
+async def test_aligned_chat_model_tells_astream_events_of_corrections(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+
+    from aligner_chain import with_aligner
+
+    model = with_aligner(
+        GenericFakeChatModel(messages=iter([AIMessage(ANSWER)])),
+        classifier=RunnableClassifier(Judge()),
+        corrector=corrector,
+        policy=RoutingPolicy(stream="sentence", verify_after_correct=False),
+    )
+    events = [e async for e in model.astream_events([HumanMessage("How?")], version="v2")]
+    custom = [e for e in events if e["event"] == "on_custom_event"]
+    assert [e["name"] for e in custom] == ["aligner_correction"]
+    assert custom[0]["data"]["original"].strip() == SECRET
+    assert custom[0]["run_id"] == events[0]["run_id"]  # under the model's own run
+    streamed = "".join(
+        e["data"]["chunk"].text for e in events if e["event"] == "on_chat_model_stream"
+    )
+    assert SECRET not in streamed and streamed.endswith("Done.")
+
+
+# -- AlignerMiddleware: the stream transformer (stream_events / astream_events v3) -----------
+
+V3 = pytest.mark.filterwarnings("ignore:The v3 streaming protocol")
+
+
+def sentence_agent(corrector, judge: Any, answer: str = ANSWER, **policy: Any) -> Any:
+    from langchain.agents import create_agent
+
+    from aligner_chain import AlignerMiddleware
+
+    policy.setdefault("stream", "sentence")
+    policy.setdefault("verify_after_correct", False)
+    middleware = AlignerMiddleware(
+        classifier=RunnableClassifier(judge), corrector=corrector, policy=RoutingPolicy(**policy)
+    )
+    model = GenericFakeChatModel(messages=iter([AIMessage(answer)] * 2))  # word by word
+    return create_agent(model, middleware=[middleware])
+
+
+def message_texts(value: Any) -> list[str]:
+    """The text of every message anywhere in an event's data."""
+    if isinstance(value, BaseMessage):
+        return [value.text]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in message_texts(v)]
+    return []
+
+
+def client_view(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a v3 client receives: streamed text deltas, finished blocks, snapshots, events."""
+    deltas, finished, snapshots, events, finish_meta, texts = [], [], [], [], [], []
+    for event in log:
+        data = event["params"]["data"]
+        texts += message_texts(data)
+        if event["method"] == "values":
+            snapshots.append([m.text for m in data["messages"]])
+        elif event["method"] == "custom:AlignerMiddleware":
+            events.append(data)
+        elif event["method"] == "messages" and isinstance(data[0], dict):
+            payload = data[0]
+            if payload["event"] == "content-block-delta":
+                deltas.append(payload["delta"].get("text", ""))
+            elif payload["event"] == "content-block-finish":
+                final = payload["content"].get("text", "")
+                finished.append(final)
+                deltas.append(final[len("".join(deltas)) :])  # the tail, as ChatModelStream does
+            elif payload["event"] == "message-finish":
+                finish_meta.append(payload.get("metadata") or {})
+    return {
+        "text": "".join(deltas),
+        "deltas": [d for d in deltas if d],
+        "finished": finished,
+        "snapshots": snapshots,
+        "events": events,
+        "finish_meta": finish_meta,
+        "message_texts": texts,
+    }
+
+
+@V3
+def test_middleware_stream_never_leaks_the_flagged_sentence(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+
+    judge = Judge()
+    run = sentence_agent(corrector, judge).stream_events(
+        {"messages": [HumanMessage("How?")]}, version="v3"
+    )
+    view = client_view(list(run))
+    text = view["text"]
+    assert SECRET not in text and "First, gather materials." in text and text.endswith("Done.")
+    assert len(view["deltas"]) >= 4  # released sentence by sentence, not in one piece
+    assert view["finished"] == [text]
+    assert view["snapshots"] and all(SECRET not in t for s in view["snapshots"] for t in s)
+    assert all(SECRET not in t for t in view["message_texts"])  # tasks and updates events too
+    for prefix in released_texts([AIMessageChunk(content=d) for d in view["deltas"]]):
+        assert any(prefix.startswith(seen) or seen.startswith(prefix) for seen in judge.seen)
+    assert [e["type"] for e in view["events"]] == ["correction"]
+    assert view["events"][0]["original"].strip() == SECRET
+    assert view["finish_meta"][0]["aligner_events"] == view["events"]
+    # The state holds what was streamed (the hook reuses the stream's outcome), same id.
+    final = run.output["messages"][-1]
+    record = final.response_metadata["aligner"]
+    assert final.text == text and record["original_answer"] == ANSWER
+    assert record["route"] == "correct" and record["notes"] == ["streamed sentence by sentence"]
+
+
+@V3
+def test_without_sentence_mode_the_same_stream_shows_the_raw_answer(corrector) -> None:
+    """The check above can fail: in buffer mode the middleware has no transformer."""
+    from langchain_core.messages import HumanMessage
+
+    run = sentence_agent(corrector, Judge(), stream="buffer").stream_events(
+        {"messages": [HumanMessage("How?")]}, version="v3"
+    )
+    assert SECRET in client_view(list(run))["text"]
+
+
+@V3
+async def test_middleware_async_stream_stops_with_the_fallback(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+
+    def strict(question: str, answer: str) -> float:
+        return 0.97 if SECRET in answer else 0.02
+
+    graph = sentence_agent(corrector, strict, refuse_at=0.95, refusal_message="No more.")
+    run = await graph.astream_events({"messages": [HumanMessage("How?")]}, version="v3")
+    texts = []
+    async for message in run.messages:  # the client API: one stream per model message
+        texts.append("".join([delta async for delta in message.text]))
+    assert texts == ["Sure, here is how. First, gather materials. No more."]
+    final = (await graph.ainvoke({"messages": [HumanMessage("How?")]}))["messages"][-1]
+    assert final.response_metadata["aligner"]["route"] == "refuse"  # invoke judges it whole
+
+
+@V3
+def test_middleware_stream_raise_fallback_fails_the_run(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+
+    graph = sentence_agent(corrector, lambda q, a: 0.9, fallback="raise", verify_after_correct=True)
+    run = graph.stream_events({"messages": [HumanMessage("How?")]}, version="v3")
+    released: list[str] = []
+    with pytest.raises(RefusedError):
+        for event in run:
+            released.append(client_view([event])["text"])
+    assert "".join(released) == ""
+
+
+@V3
+def test_middleware_hold_back_is_bounded_by_characters(corrector) -> None:
+    from langchain_core.messages import HumanMessage
+
+    long = "and then " * 30 + "the end."  # one sentence of 278 characters
+    graph = sentence_agent(corrector, Judge(), answer=long, stream_max_chars=40)
+    view = client_view(
+        list(graph.stream_events({"messages": [HumanMessage("How?")]}, version="v3"))
+    )
+    # Released in pieces while the model streams (an unbounded hold-back would release nothing
+    # before the block finishes).
+    assert len(view["deltas"]) >= 5 and all(len(d) <= 40 for d in view["deltas"])
+    assert view["text"] == long
