@@ -350,7 +350,7 @@ class SentenceStreamTransformer(StreamTransformer):
         data = params.get("data")
         if event["method"] != "messages":
             if event["method"] == "values" and params["namespace"] == self._scope:
-                self._history = list((data or {}).get("messages") or [])
+                self._history = list(data.get("messages") or []) if isinstance(data, dict) else []
             if self._released:
                 params["data"] = self._redacted(data)
             return None
@@ -415,8 +415,10 @@ class SentenceStreamTransformer(StreamTransformer):
 
     def _whole(self, message: AIMessage, metadata: Any, params: dict[str, Any]) -> _Work | None:
         """A model message that arrives whole (the model did not stream): judged the same way."""
+        if message.tool_calls or not message.text:
+            return None
         answer = self._start(message.id or "")
-        if answer is None or message.tool_calls or not message.text:
+        if answer is None:
             return None
 
         def judged(events: list[StreamEvent]) -> None:

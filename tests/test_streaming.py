@@ -254,11 +254,12 @@ def test_aligned_chat_model_streams_sentences_without_leaking(corrector) -> None
 
 async def test_aligned_chat_model_tells_astream_events_of_corrections(corrector) -> None:
     from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
 
     from aligner_chain import with_aligner
 
     model = with_aligner(
-        GenericFakeChatModel(messages=iter([AIMessage(ANSWER)])),
+        GenericFakeChatModel(messages=iter([AIMessage(ANSWER)] * 2)),
         classifier=RunnableClassifier(Judge()),
         corrector=corrector,
         policy=RoutingPolicy(stream="sentence", verify_after_correct=False),
@@ -272,6 +273,22 @@ async def test_aligned_chat_model_tells_astream_events_of_corrections(corrector)
         e["data"]["chunk"].text for e in events if e["event"] == "on_chat_model_stream"
     )
     assert SECRET not in streamed and streamed.endswith("Done.")
+
+    async def llm(state: MessagesState) -> dict[str, Any]:  # inside LangGraph: invoke streams
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("llm", llm)
+    builder.add_edge(START, "llm")
+    builder.add_edge("llm", END)
+    graph_events = [
+        e
+        async for e in builder.compile().astream_events(
+            {"messages": [HumanMessage("How?")]}, version="v2"
+        )
+        if e["event"] == "on_custom_event"
+    ]
+    assert [e["name"] for e in graph_events] == ["aligner_correction"]  # once, not per channel
 
 
 # -- AlignerMiddleware: the stream transformer (stream_events / astream_events v3) -----------
