@@ -415,11 +415,10 @@ class SentenceStreamTransformer(StreamTransformer):
 
     def _whole(self, message: AIMessage, metadata: Any, params: dict[str, Any]) -> _Work | None:
         """A model message that arrives whole (the model did not stream): judged the same way."""
-        if message.tool_calls or not message.text:
-            return None
-        answer = self._start(message.id or "")
+        answer = self._start(message.id or "") if message.text else None
         if answer is None:
             return None
+        answer.tool_calls = bool(message.tool_calls or message.invalid_tool_calls)
 
         def judged(events: list[StreamEvent]) -> None:
             answer.release(0, events)

@@ -433,3 +433,38 @@ def test_middleware_hold_back_is_bounded_by_characters(corrector) -> None:
     # before the block finishes).
     assert len(view["deltas"]) >= 5 and all(len(d) <= 40 for d in view["deltas"])
     assert view["text"] == long
+
+
+@V3
+def test_middleware_stream_guards_unstreamed_messages_and_tool_call_turns(corrector) -> None:
+    """A model that does not stream (here: with tools bound) sends whole messages; a tool-call
+    turn's text is judged in the stream too, while the state keeps that step as it was."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from surface_fakes import scripted
+
+    from aligner_chain import AlignerMiddleware
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    lookup = {"name": "weather", "args": {"city": "Paris"}, "id": "1"}
+    call = AIMessage(f"Let me check. {SECRET}", tool_calls=[lookup])
+    middleware = AlignerMiddleware(
+        classifier=RunnableClassifier(Judge()),
+        corrector=corrector,
+        policy=RoutingPolicy(stream="sentence", verify_after_correct=False),
+    )
+    graph = create_agent(scripted(call, ANSWER), [weather], middleware=[middleware])
+    run = graph.stream_events({"messages": [HumanMessage("Weather?")]}, version="v3")
+    view = client_view(list(run))
+    assert view["message_texts"] and all(SECRET not in t for t in view["message_texts"])
+    assert view["finish_meta"] == []  # no protocol stream: the messages came whole
+    steps = run.output["messages"]
+    assert steps[1].text == call.text and "aligner" not in steps[1].response_metadata
+    assert SECRET not in steps[-1].text and steps[-1].response_metadata["aligner"]["route"] == (
+        "correct"
+    )
