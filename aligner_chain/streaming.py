@@ -8,7 +8,9 @@ rest of the upstream text is still read, so the decision record holds the whole 
 
 The guard is a pipeline of the same batched stages as :class:`~aligner_chain.AlignerRunnable`
 (it yields ``Effect`` requests), so the runnable's sync and async drivers, child runs and error
-handling serve it unchanged.
+handling serve it unchanged. :meth:`SentenceGuard.judge` / :meth:`SentenceGuard.ajudge` drive it
+for every surface: the runnable's stream (and through it ``AlignedChatModel``'s) and
+``AlignerMiddleware``'s stream transformer.
 """
 
 from __future__ import annotations
