@@ -238,11 +238,11 @@ def main() -> None:
         passes = tokens = drafted = accepted = 0
         for pair, script in items:
             prepared = copying._prepare(pair)
-            inputs = copying._tokenize_batch([prepared.prompt])
+            inputs = copying._inputs([prepared])
             if replay is not None:
                 model.script, model.prompt_len = script, inputs["input_ids"].shape[1]
             with torch.inference_mode():
-                new, stats = copy_greedy_generate(
+                (new,), stats = copy_greedy_generate(
                     model,
                     inputs["input_ids"],
                     inputs["attention_mask"],

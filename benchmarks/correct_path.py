@@ -6,9 +6,9 @@ Both decode the same prompt to the same number of tokens (checked; the tiny mode
 EOS, so every call fills its budget). ``runnable_plain`` uses plain ``generate`` inside
 (copy drafts and micro-batching off), so its excess over ``bare_generate`` is the plumbing:
 parsing, prompt preparation and tokenization, routing, records, child runs. Target: <= 5 %.
-``runnable_batched_plain`` adds only the micro-batcher (a lone call waits up to
-``max_wait_ms`` for company); ``runnable_default`` is the shipped configuration (micro-batching,
-copy drafts on), for reference.
+``runnable_batched_plain`` adds only the micro-batcher (an idle one dispatches a lone call at
+once: the hand-off to its worker thread); ``runnable_default`` is the shipped configuration
+(micro-batching, copy drafts on), for reference.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
 
     pair = pairs(4)[3]
     prepared = plain._prepare(pair)
-    inputs = plain._tokenize_batch([prepared.prompt])
+    inputs = plain._inputs([prepared])
     kwargs = plain._generate_kwargs(prepared.max_new_tokens)
     model = plain.loaded.model
     value = {"question": pair.question, "answer": pair.answer}

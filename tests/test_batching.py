@@ -12,9 +12,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from aligner_chain import batching
 from aligner_chain.batching import BatchingConfig, MicroBatcher, make_runner
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.errors import BackpressureError, CorrectorError
@@ -130,6 +132,68 @@ def test_batching_off_calls_directly() -> None:
     assert runner(["x"]) == ["out:x"]
     assert asyncio.run(runner.acall(["y"])) == ["out:y"]
     assert runner([]) == []
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in 5 s"
+        time.sleep(0.002)
+
+
+async def test_a_lone_call_runs_at_once_and_waiting_for_company_is_opt_in(monkeypatch) -> None:
+    """With the batcher's clock frozen, a batcher that waits for company can never dispatch;
+    the default dispatches a lone call without consulting the clock at all."""
+    clock = [0.0]
+    monkeypatch.setattr(batching, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    assert await asyncio.wait_for(MicroBatcher(echo).acall(["lone"]), 5) == ["out:lone"]
+    call = asyncio.ensure_future(MicroBatcher(echo, BatchingConfig(max_wait_ms=5)).acall(["x"]))
+    done, _ = await asyncio.wait({call}, timeout=0.2)
+    assert not done  # its 5 ms never pass on the frozen clock
+    clock[0] = 1.0
+    assert await asyncio.wait_for(call, 5) == ["out:x"]
+
+
+def test_calls_arriving_during_a_model_call_form_the_next_batch_and_stay_whole() -> None:
+    """Batches form from what queued while the model ran; separate callers merge up to
+    ``max_batch_size``, and one caller's batch is never split, however large."""
+    gate, entered = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def fn(items: list[str]) -> list[str]:
+        batches.append(items)
+        entered.set()
+        gate.wait(5)
+        return echo(items)
+
+    batcher = MicroBatcher(fn, BatchingConfig(max_batch_size=8))
+    requests = [[f"{i}{k}" for k in "abc"] for i in range(3)] + [[f"big{i}" for i in range(20)]]
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher, ["first"])
+        assert entered.wait(5)  # dispatched alone: nothing else was queued
+        calls, queued = [], 0
+        for items in requests:  # enqueued one after the other, in this order
+            calls.append(pool.submit(batcher, items))
+            queued += len(items)
+            _until(lambda n=queued: batcher.pending == n)
+        gate.set()
+        assert first.result(5) == ["out:first"]
+        assert [c.result(5) for c in calls] == [echo(items) for items in requests]
+    assert [len(b) for b in batches] == [1, 6, 3, 20]
+    assert batcher.stats.batches == 4 and batcher.stats.items == 30
+
+
+def test_one_callers_batch_runs_in_one_call() -> None:
+    sizes: list[int] = []
+
+    def fn(items: list[str]) -> list[str]:
+        sizes.append(len(items))
+        return echo(items)
+
+    batcher = MicroBatcher(fn, BatchingConfig(max_batch_size=2))
+    assert batcher([str(i) for i in range(16)]) == echo([str(i) for i in range(16)])
+    assert asyncio.run(batcher.acall(["x"] * 5)) == echo(["x"] * 5)
+    assert sizes == [16, 5]
 
 
 # -- reliability: 500 concurrent requests through a corrector with injected faults ------------
@@ -291,30 +355,18 @@ def test_transformers_corrector_coalesces_concurrent_calls(tiny_lm_path: Path) -
         generation=short,
         batching=BatchingConfig(max_batch_size=8, max_wait_ms=50),
     )
-    model = batched.loaded.model
-    calls = 0
-    original = model.generate
 
-    def counting_generate(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
+    async def run() -> list[list[Correction]]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(4) as pool:
+            threaded = [loop.run_in_executor(pool, batched.invoke, [p]) for p in pairs[:4]]
+            tasks = [batched.ainvoke([p]) for p in pairs[4:]]
+            return await asyncio.gather(*threaded, *tasks)
 
-    model.generate = counting_generate
-    try:
-
-        async def run() -> list[list[Correction]]:
-            loop = asyncio.get_running_loop()
-            with ThreadPoolExecutor(4) as pool:
-                threaded = [loop.run_in_executor(pool, batched.invoke, [p]) for p in pairs[:4]]
-                tasks = [batched.ainvoke([p]) for p in pairs[4:]]
-                return await asyncio.gather(*threaded, *tasks)
-
-        results = asyncio.run(run())
-    finally:
-        del model.generate
+    results = asyncio.run(run())
     assert [r[0].text for r in results] == expected
-    assert calls < len(pairs), f"{calls} generate calls for {len(pairs)} concurrent requests"
+    batches = batched.batcher.stats.batches  # type: ignore[union-attr]
+    assert batches < len(pairs), f"{batches} model calls for {len(pairs)} concurrent requests"
 
 
 def test_model_classifiers_coalesce_concurrent_calls(

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from aligner_chain import QAPair, TransformersCorrector
 from aligner_chain.correctors.copy_decoding import (
@@ -60,7 +60,7 @@ def test_tokens_equal_plain_greedy(
     ids = tok(copying._prepare(pair).prompt, return_tensors="pt")["input_ids"]
     eos = tok.eos_token_id
     with torch.inference_mode():
-        tokens, stats = copy_greedy_generate(
+        (tokens,), stats = copy_greedy_generate(
             model, ids, None, max_new_tokens=max_new_tokens, eos_ids={eos}
         )
     assert tokens == _reference(model, ids, max_new_tokens, eos)
@@ -73,11 +73,11 @@ def test_drafts_are_accepted_and_stop_tokens_end_them(copying: TransformersCorre
     model, tok = copying.loaded.model, copying.loaded.tokenizer
     ids = tok(copying._prepare(PAIRS[1]).prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        free, stats = copy_greedy_generate(model, ids, None, max_new_tokens=120, eos_ids=set())
+        (free,), stats = copy_greedy_generate(model, ids, None, max_new_tokens=120, eos_ids=set())
     assert stats.accepted > 0 and stats.forward_passes < len(free)
     stop = free[60]  # a token that occurs inside an accepted run
     with torch.inference_mode():
-        tokens, _ = copy_greedy_generate(model, ids, None, max_new_tokens=120, eos_ids={stop})
+        (tokens,), _ = copy_greedy_generate(model, ids, None, max_new_tokens=120, eos_ids={stop})
     assert tokens == _reference(model, ids, 120, stop)
     assert tokens[-1] == stop and stop not in tokens[:-1]
 
@@ -105,11 +105,11 @@ def _generate_calls(corrector: TransformersCorrector, monkeypatch, pairs: list[Q
     return len(calls)
 
 
-def test_batches_and_non_greedy_settings_use_generate(
+def test_greedy_batches_draft_and_other_settings_use_generate(
     copying: TransformersCorrector, tiny_lm_path, monkeypatch
 ) -> None:
     assert _generate_calls(copying, monkeypatch, PAIRS[:1]) == 0
-    assert _generate_calls(copying, monkeypatch, PAIRS[:2]) == 1
+    assert _generate_calls(copying, monkeypatch, PAIRS) == 0
     for settings in (
         GenerationSettings.preset("paper"),
         GenerationSettings(repetition_penalty=1.1),
@@ -126,13 +126,16 @@ def test_batched_and_single_corrections_agree(copying: TransformersCorrector) ->
 
 
 def test_unsupported_models_fall_back() -> None:
-    def model(**config: Any) -> SimpleNamespace:
-        return SimpleNamespace(config=SimpleNamespace(**config))
+    def forward(input_ids: Any = None, position_ids: Any = None) -> None: ...
+
+    def model(forward: Any = forward, **config: Any) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(**config), forward=forward)
 
     assert supports_copy_drafts(model(layer_types=["full_attention"] * 2))
     assert supports_copy_drafts(model())
     assert not supports_copy_drafts(model(layer_types=["sliding_attention", "full_attention"]))
     assert not supports_copy_drafts(model(is_encoder_decoder=True))
+    assert not supports_copy_drafts(model(forward=lambda input_ids=None: None))
 
 
 def test_drafter_follows_the_original_in_order() -> None:
@@ -155,37 +158,157 @@ def test_half_precision_needs_opting_in(tiny_lm_path) -> None:
 
 
 class _CopyNudged(LlamaForCausalLM):
-    """The tiny Llama with ``bias`` added to the logit of the answer's next token: copy-heavy
-    output where the model's own logits still decide part of it (and its cache must be right)."""
+    """The tiny Llama with ``bias`` added to the logit of each row's next script token:
+    copy-heavy output where the model's own logits still decide part of it (and its cache and
+    positions must be right). A row's script position is its token position (``position_ids``
+    when given, as for padded batches) minus its unpadded prompt length; ``rows`` maps the
+    batch's rows to scripts (finished rows leave copy decoding's batch: see :func:`_nudged`)."""
 
-    script: ClassVar[list[int]] = []
-    prompt_len: ClassVar[int] = 0
+    scripts: ClassVar[list[list[int]]] = []
+    prompt_lens: ClassVar[list[int]] = []
+    rows: ClassVar[list[int]] = []
     bias: ClassVar[float] = 0.0
 
-    def forward(self, input_ids: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: Any = None,
+        past_key_values: Any = None,
+        position_ids: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
-        out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        if past == 0:
+            _CopyNudged.rows = list(range(input_ids.shape[0]))
+        if position_ids is None:  # no padding anywhere: positions are cache indices
+            position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
+        out = super().forward(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            **kwargs,
+        )
         width = out.logits.shape[1]
-        for i in range(width):
-            j = past + input_ids.shape[1] - width + i + 1 - self.prompt_len
-            if 0 <= j < len(self.script):
-                out.logits[:, i, self.script[j]] += self.bias
+        for row, script_index in enumerate(self.rows):
+            script = self.scripts[script_index]
+            for i, position in enumerate(position_ids[row, -width:].tolist()):
+                j = position + 1 - self.prompt_lens[script_index]
+                if 0 <= j < len(script):
+                    out.logits[row, i, script[j]] += self.bias
         return out
+
+
+def _nudged(
+    tiny_lm_path: Any, tok: Any, answers: list[str], ids: list[list[int]], monkeypatch: Any
+) -> Any:
+    """The nudged model for these rows; it follows rows that leave the batch."""
+    model = _CopyNudged.from_pretrained(tiny_lm_path).eval()
+    _CopyNudged.scripts = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    _CopyNudged.prompt_lens = [len(row) for row in ids]
+    select = DynamicCache.batch_select_indices
+
+    def follow(cache: DynamicCache, indices: torch.Tensor) -> None:
+        _CopyNudged.rows = [_CopyNudged.rows[i] for i in indices.tolist()]
+        select(cache, indices)
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", follow)
+    return model
 
 
 @pytest.mark.parametrize(("bias", "copied_all"), [(20.0, False), (40.0, True)])
 def test_copy_heavy_output_equals_plain_greedy(
-    copying: TransformersCorrector, tiny_lm_path, bias: float, copied_all: bool
+    copying: TransformersCorrector, tiny_lm_path, monkeypatch, bias: float, copied_all: bool
 ) -> None:
     tok = copying.loaded.tokenizer
     ids = tok(copying._prepare(PAIRS[1]).prompt, return_tensors="pt")["input_ids"]
-    model = _CopyNudged.from_pretrained(tiny_lm_path).eval()
-    _CopyNudged.script = tok(COPY_HEAVY, add_special_tokens=False)["input_ids"]
-    _CopyNudged.prompt_len, _CopyNudged.bias = ids.shape[1], bias
+    model = _nudged(tiny_lm_path, tok, [COPY_HEAVY], ids.tolist(), monkeypatch)
+    _CopyNudged.bias = bias
     with torch.inference_mode():
-        tokens, stats = copy_greedy_generate(
+        (tokens,), stats = copy_greedy_generate(
             model, ids, None, max_new_tokens=80, eos_ids={tok.eos_token_id}
         )
     assert tokens == _reference(model, ids, 80, tok.eos_token_id)
-    assert (tokens == _CopyNudged.script[:80]) is copied_all
+    assert (tokens == _CopyNudged.scripts[0][:80]) is copied_all
     assert stats.accepted >= 40 and stats.forward_passes < 40
+
+
+# -- batches: each row drafts from its own input and accepts its own number of tokens ------
+
+
+def _batched_reference(
+    corrector: TransformersCorrector,
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    budgets: list[int],
+) -> list[list[int]]:
+    """Plain batched greedy ``generate``, each row cut at its first stop token or budget."""
+    with torch.inference_mode():
+        out = model.generate(**inputs, **corrector._generate_kwargs(max(budgets)))
+    rows = []
+    for row, budget in zip(out[:, inputs["input_ids"].shape[1] :].tolist(), budgets):
+        row = row[:budget]
+        stop = next((i for i, t in enumerate(row) if t in corrector._eos_ids), len(row) - 1)
+        rows.append(row[: stop + 1])
+    return rows
+
+
+def _batched_copy(
+    corrector: TransformersCorrector, model: Any, inputs: dict[str, torch.Tensor], budgets: Any
+) -> tuple[list[list[int]], Any]:
+    with torch.inference_mode():
+        return copy_greedy_generate(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            max_new_tokens=budgets,
+            eos_ids=corrector._eos_ids,
+            pad_token_id=corrector.loaded.tokenizer.pad_token_id,
+        )
+
+
+@pytest.mark.parametrize("budgets", [[1] * 4, [2] * 4, [7] * 4, [96] * 4, [5, 96, 1, 40]])
+def test_batched_tokens_equal_plain_batched_generate(
+    copying: TransformersCorrector, budgets: list[int]
+) -> None:
+    """Rows of different lengths (left-padded), the same or different budgets."""
+    inputs = copying._inputs([copying._prepare(p) for p in PAIRS])
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == len(PAIRS)
+    model = copying.loaded.model
+    rows, stats = _batched_copy(copying, model, inputs, budgets)
+    assert rows == _batched_reference(copying, model, inputs, budgets)
+    assert stats.forward_passes <= max(budgets)
+
+
+@pytest.mark.parametrize("bias", [20.0, 40.0])
+def test_batched_copy_heavy_rows_accept_different_amounts(
+    copying: TransformersCorrector, tiny_lm_path, monkeypatch, bias: float
+) -> None:
+    """Copy-nudged rows of different lengths: drafts are accepted unevenly across rows, so
+    rejected positions stay masked in the cache and positions must skip them."""
+    answers = [p.answer for p in PAIRS]
+    prepared = [copying._prepare(p) for p in PAIRS]
+    inputs = copying._inputs(prepared)
+    tok = copying.loaded.tokenizer
+    model = _nudged(tiny_lm_path, tok, answers, [p.ids for p in prepared], monkeypatch)
+    _CopyNudged.bias = bias
+    rows, stats = _batched_copy(copying, model, inputs, [80] * len(PAIRS))
+    assert rows == _batched_reference(copying, model, inputs, [80] * len(PAIRS))
+    assert stats.accepted >= 80 and stats.forward_passes < 60
+
+
+def test_unpadded_rows_that_accept_unevenly_mask_what_they_rejected(
+    copying: TransformersCorrector, tiny_lm_path, monkeypatch
+) -> None:
+    """Two prompts of one length (no padding): row 0 copies its answer, row 1 is nudged away
+    from its own, so its drafts fail while row 0's pass and its rejected positions must be
+    masked from then on."""
+    pairs = [PAIRS[1], QAPair(PAIRS[1].question, COPY_HEAVY.replace("lazy", "hazy"))]
+    prepared = [copying._prepare(p) for p in pairs]
+    inputs = copying._inputs(prepared)
+    assert bool(inputs["attention_mask"].all())
+    tok = copying.loaded.tokenizer
+    scripts = [COPY_HEAVY, PAIRS[3].answer]
+    model = _nudged(tiny_lm_path, tok, scripts, [p.ids for p in prepared], monkeypatch)
+    _CopyNudged.bias = 40.0
+    rows, stats = _batched_copy(copying, model, inputs, [80, 80])
+    assert rows == _batched_reference(copying, model, inputs, [80, 80])
+    assert stats.accepted >= 40 and stats.accepted < stats.drafted

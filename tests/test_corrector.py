@@ -99,7 +99,7 @@ def test_template_injection_cannot_break_the_prompt(
 ) -> None:
     tok = corrector.loaded.tokenizer
     prepared = corrector._prepare(QAPair("q", answer))
-    ids = corrector._tokenize_batch([prepared.prompt])["input_ids"][0].tolist()
+    ids = corrector._inputs([prepared])["input_ids"][0].tolist()
     # Special-token text inside the answer is split into ordinary tokens, never parsed.
     assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
     out = corrector.correct([QAPair("q", answer)])[0]
@@ -172,3 +172,22 @@ def test_run_in_event_loop_threads(corrector) -> None:
         return [o[0].text for o in outs]
 
     assert asyncio.run(main()) == [c.text for c in corrector.correct(PAIRS)]
+
+
+def test_a_correction_encodes_its_prompt_once(
+    corrector: TransformersCorrector, monkeypatch
+) -> None:
+    """Hot path: one call counts the question and answer, one encodes the prompt, and those
+    ids are the model's input (no second encoding of the prompt)."""
+    tok = corrector.loaded.tokenizer
+    calls: list[object] = []
+    encode = type(tok).__call__
+    monkeypatch.setattr(
+        type(tok), "__call__", lambda self, *a, **k: calls.append(a) or encode(self, *a, **k)
+    )
+    prepared = corrector._prepare(PAIRS[2])
+    assert len(calls) == 2
+    assert prepared.ids == encode(tok, prepared.prompt, split_special_tokens=True)["input_ids"]
+    calls.clear()
+    corrector.correct([PAIRS[2]])
+    assert len(calls) == 2

@@ -12,12 +12,17 @@ A rejected draft costs a wider forward pass for one token, so a draft cut short 
 on a heavy rewrite the cost converges to plain decoding, and the next copied run is still
 found. Drafts start short (:data:`MIN_DRAFT`) and double while fully accepted. The constants
 were chosen by replaying real Aligner-2B corrections (``benchmarks/copy_decoding.py``).
+
+A batch decodes in the same passes, each row drafting from its own input and accepting its own
+number of tokens: what a row rejected stays in the KV cache, masked out the way left padding
+is, so the batch needs no per-row cache surgery.
 """
 
 from __future__ import annotations
 
+import inspect
 from bisect import bisect_right
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -33,9 +38,13 @@ MAX_PAUSE = 64  # longest pause (in steps) after repeated misses
 
 def supports_copy_drafts(model: Any) -> bool:
     """True for decoder-only models whose KV cache can be cut back after a rejected draft
-    (full attention only: sliding-window, recurrent and encoder-decoder caches are excluded)."""
+    (full attention only: sliding-window, recurrent and encoder-decoder caches are excluded)
+    and that take ``position_ids`` (rows of a batch that accept different numbers of tokens
+    need explicit positions)."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False) or getattr(model, "_is_stateful", False):
+        return False
+    if "position_ids" not in inspect.signature(model.forward).parameters:
         return False
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     return all(kind == "full_attention" for kind in layer_types)
@@ -95,74 +104,154 @@ class CopyDrafter:
         self._cursor = start + count
 
 
+@dataclass
+class _Row:
+    """One sequence's decoding state: its drafter, its output, and its drafting backoff."""
+
+    drafter: CopyDrafter
+    budget: int
+    new: list[int] = field(default_factory=list)
+    width: int = MIN_DRAFT
+    misses: int = 0
+    pause: int = 0
+    done: bool = False
+
+    def push(self, token: int, eos_ids: Collection[int]) -> None:
+        """Append the model's own next token; the row is done at a stop token or its budget."""
+        self.new.append(token)
+        self.drafter.extend([token])
+        self.done = token in eos_ids or len(self.new) >= self.budget
+
+    def propose(self, eos_ids: Collection[int]) -> tuple[list[int], int]:
+        """This step's draft (empty while paused, or with room for one token only)."""
+        if self.pause:
+            self.pause -= 1
+            return [], 0
+        left = self.budget - len(self.new)
+        if left <= 1:  # the draft must leave room for the model's own next token
+            return [], 0
+        return self.drafter.propose(min(self.width, left - 1), eos_ids)
+
+    def verify(self, draft: list[int], source: int, choice: list[int], stats: DraftStats) -> int:
+        """Keep the draft's prefix that agrees with the model's ``choice`` at each position;
+        returns how many draft tokens were accepted (``choice[n]`` is the next token)."""
+        n = next((i for i, (d, c) in enumerate(zip(draft, choice)) if d != c), len(draft))
+        if not draft:
+            return 0
+        stats.drafted += len(draft)
+        stats.accepted += n
+        if n < min(MIN_USEFUL, len(draft)):
+            self.misses += 1
+            self.pause = min(2 ** (self.misses - 1), MAX_PAUSE)
+        else:
+            self.misses = 0
+        if n:
+            self.width = (
+                min(2 * self.width, MAX_DRAFT) if n == len(draft) else max(MIN_DRAFT, n + 1)
+            )
+            self.drafter.accepted(source, n)
+            self.new.extend(draft[:n])
+            self.drafter.extend(draft[:n])
+        return n
+
+
 def copy_greedy_generate(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_ids: Collection[int],
+    pad_token_id: int = 0,
     streamer: Any = None,
-) -> tuple[list[int], DraftStats]:
-    """Greedy decoding of one sequence (batch size 1, no padding) with copy drafts.
+) -> tuple[list[list[int]], DraftStats]:
+    """Greedy decoding of a (left-padded) batch with copy drafts, each row from its own input.
 
-    Returns the new tokens (ending with an EOS token, or ``max_new_tokens`` long), exactly as
-    ``model.generate(do_sample=False)`` would, and drafting statistics.
+    Returns each row's new tokens (ending with an EOS token, or its ``max_new_tokens`` long),
+    exactly as ``model.generate(do_sample=False)`` picks them, and drafting statistics.
+
+    Every step feeds each row its next token and its own draft (cut to the median draft's
+    length: every row pays for the widest one), padded to one width; rows accept different
+    numbers of tokens. Positions a row rejected (and its padding) stay
+    in the KV cache masked out (``attention_mask`` 0, ``position_ids`` counting only kept
+    tokens, as with left padding); the tail that no row kept is cropped, and finished rows
+    leave the batch. A single unpadded row never has masked positions, so it runs without a
+    mask. ``streamer`` receives the tokens of a single row.
     """
-    if input_ids.shape[0] != 1:
-        raise ValueError("copy-aware decoding handles one sequence at a time")
+    batch = input_ids.shape[0]
+    if streamer is not None and batch != 1:
+        raise ValueError("streaming copy-aware decoding handles one sequence")
+    device = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else max_new_tokens
+    rows = [
+        _Row(CopyDrafter(ids[keep.bool()].tolist()), budget)
+        for ids, keep, budget in zip(input_ids, mask, budgets)
+    ]
+    positions = mask.sum(1)  # each row's next position: its count of kept tokens
+    ragged = not bool(mask.all())  # masked positions in the cache: pass mask and positions
     stats = DraftStats(forward_passes=1)
-    drafter = CopyDrafter(input_ids[0].tolist())
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1
+        input_ids=input_ids,
+        attention_mask=mask if ragged else attention_mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0) if ragged else None,
+        use_cache=True,
+        logits_to_keep=1,
     )
     cache = out.past_key_values
-    token = int(out.logits[0, -1].argmax())
-    new: list[int] = []
-    width, misses, pause = MIN_DRAFT, 0, 0
+    tokens = out.logits[:, -1].argmax(-1).tolist()
+    live = list(range(batch))  # the rows still in the model's batch, in cache order
     while True:
-        new.append(token)
-        drafter.extend([token])
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        left = max_new_tokens - len(new)
-        if token in eos_ids or left <= 0:
+        for i, token in zip(live, tokens):
+            rows[i].push(token, eos_ids)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+        keep = [k for k, i in enumerate(live) if not rows[i].done]
+        if not keep:
             break
-        draft, source = [], 0
-        if pause:
-            pause -= 1
-        elif left > 1:  # room for the draft and the model's own next token
-            draft, source = drafter.propose(min(width, left - 1), eos_ids)
+        if len(keep) < len(live):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            live, tokens = [live[k] for k in keep], [tokens[k] for k in keep]
+        drafts = [rows[i].propose(eos_ids) for i in live]
+        # Every row pays for the widest draft, so drafts are cut to the median draft's length.
+        width = 1 + sorted(len(draft) for draft, _ in drafts)[len(drafts) // 2]
+        drafts = [(draft[: width - 1], source) for draft, source in drafts]
+        step = [
+            [token, *draft] + [pad_token_id] * (width - 1 - len(draft))
+            for token, (draft, _) in zip(tokens, drafts)
+        ]
+        # Padding after a row's tokens cannot reach them (causal), so this step needs no mask
+        # of its own; the mask only has to hide what earlier steps left in the cache.
+        mask = torch.cat([mask, mask.new_ones((len(live), width))], 1)
         out = model(
-            input_ids=torch.tensor([[token, *draft]], device=input_ids.device),
+            input_ids=torch.tensor(step, dtype=input_ids.dtype, device=device),
+            attention_mask=mask if ragged else None,
+            position_ids=positions[:, None] + torch.arange(width, device=device)
+            if ragged
+            else None,
             past_key_values=cache,
             use_cache=True,
         )
         stats.forward_passes += 1
-        choice = out.logits[0].argmax(-1).tolist()
-        n = next((i for i, (d, c) in enumerate(zip(draft, choice)) if d != c), len(draft))
-        token = choice[n]
-        if not draft:
-            continue
-        stats.drafted += len(draft)
-        stats.accepted += n
-        if n < len(draft):
-            cache.crop(n - len(draft))  # drop the rejected tail from the KV cache
-        if n < min(MIN_USEFUL, len(draft)):
-            misses += 1
-            pause = min(2 ** (misses - 1), MAX_PAUSE)
-        else:
-            misses = 0
-        if n == 0:
-            continue
-        width = min(2 * width, MAX_DRAFT) if n == len(draft) else max(MIN_DRAFT, n + 1)
-        drafter.accepted(source, n)
-        new.extend(draft[:n])
-        drafter.extend(draft[:n])
-        if streamer is not None:
-            streamer.put(torch.tensor(draft[:n]))
+        choices = out.logits.argmax(-1).tolist()
+        kept = []
+        for k, (i, (draft, source), choice) in enumerate(zip(live, drafts, choices)):
+            n = rows[i].verify(draft, source, choice, stats)
+            tokens[k] = choice[n]
+            kept.append(1 + n)
+            if streamer is not None and n:
+                streamer.put(torch.tensor(draft[:n]))
+        kept_t = torch.tensor(kept, device=device)
+        positions = positions + kept_t
+        mask[:, -width:] = (torch.arange(width, device=device) < kept_t[:, None]).long()
+        ragged = ragged or min(kept) < max(kept)  # a row's rejected positions stay, masked
+        if (drop := width - max(kept)) > 0:  # the tail no row kept leaves the cache
+            cache.crop(-drop)
+            mask = mask[:, :-drop]
     if streamer is not None:
         streamer.end()
-    return new, stats
+    return [row.new for row in rows], stats

@@ -31,7 +31,10 @@ class TokenizerHolder(Protocol):
 
 @dataclass
 class PreparedPrompt:
+    """The prompt, its token ids (encoded once, reused as the model's input) and its budget."""
+
     prompt: str
+    ids: list[int]
     max_new_tokens: int
     truncated: bool
 
@@ -55,6 +58,12 @@ class PromptPreparation:
         with self.loaded.lock:
             return self.loaded.tokenizer(text, split_special_tokens=True)["input_ids"]
 
+    def _count(self, *texts: str) -> list[int]:
+        """``len(self._encode(text))`` of each text (0 if empty), in one tokenizer call."""
+        with self.loaded.lock:
+            encoded = self.loaded.tokenizer(list(texts), split_special_tokens=True)["input_ids"]
+        return [len(ids) if text else 0 for text, ids in zip(texts, encoded)]
+
     def _keep_end(self, text: str, keep: int) -> str:
         """The suffix of ``text`` made of its last ``keep`` tokens."""
         if keep <= 0:
@@ -75,8 +84,7 @@ class PromptPreparation:
         if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
             raise InputError("question and answer must be strings")
         question, answer = pair.question, pair.answer
-        n_q = len(self._encode(question)) if question else 0
-        n_a = len(self._encode(answer)) if answer else 0
+        n_q, n_a = self._count(question, answer)
         gen = self.generation
 
         def total(q: int, a: int) -> int:
@@ -107,10 +115,10 @@ class PromptPreparation:
                 a_keep,
             )
         prompt = self.template.format(question, answer, pair.context)
-        budget = gen.budget(n_a)
+        ids = self._encode(prompt)
         # Joint tokenization can differ from the parts by a few tokens: never exceed the context.
-        budget = max(1, min(budget, self.context - len(self._encode(prompt))))
-        return PreparedPrompt(prompt, budget, truncated)
+        budget = max(1, min(gen.budget(n_a), self.context - len(ids)))
+        return PreparedPrompt(prompt, ids, budget, truncated)
 
 
 class StreamTrimmer:

@@ -163,7 +163,7 @@ class OpenAICompatibleCorrector(PromptPreparation, Corrector):
         if self.mode == "chat":
             body["messages"] = [{"role": "user", "content": prepared.prompt}]
         elif self.prompt_token_ids:
-            body["prompt"] = self._encode(prepared.prompt)
+            body["prompt"] = prepared.ids
         else:
             body["prompt"] = prepared.prompt
         if gen.do_sample:

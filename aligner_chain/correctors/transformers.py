@@ -32,13 +32,14 @@ class GenerationSettings(BaseModel):
     ``max_new_tokens`` is derived per answer: ``ceil(answer_tokens * ratio) + margin``, capped
     at ``max_new_tokens_cap``, so that long answers are not cut.
 
-    ``copy_drafts`` lets a local model decode one answer at a time with drafts copied from the
-    input (:mod:`~aligner_chain.correctors.copy_decoding`): the same tokens in fewer forward
-    passes. It applies only to plain greedy decoding (no sampling, penalty or ``extra``
-    kwargs); batches of several answers use batched ``generate``. ``None`` (default) turns it
-    on for float32 weights, where checking several tokens in one pass picks the same tokens;
-    in half precision a near-tie can flip (as with any change of batch shape), so it takes
-    ``True`` there.
+    ``copy_drafts`` lets a local model decode with drafts copied from each answer
+    (:mod:`~aligner_chain.correctors.copy_decoding`), single answers and batches alike: the
+    same tokens in fewer forward passes. It applies only to plain greedy decoding (no sampling,
+    penalty or ``extra`` kwargs), and to models whose cache can be cut back (full attention,
+    decoder-only); the rest use ``generate``. ``None`` (default) turns it on for float32
+    weights, where checking several tokens in one pass picks the same tokens; in half
+    precision a near-tie can flip (as with any change of batch shape), so it takes ``True``
+    there.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -160,16 +161,17 @@ class TransformersCorrector(PromptPreparation, Corrector):
 
     # -- generation --------------------------------------------------------------------------
 
-    def _tokenize_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        with self.loaded.lock:
-            enc = self.loaded.tokenizer(
-                prompts,
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-                split_special_tokens=True,
-            )
-        return {k: v.to(self.loaded.device) for k, v in enc.items() if k != "token_type_ids"}
+    def _inputs(self, prepared: Sequence[PreparedPrompt]) -> dict[str, torch.Tensor]:
+        """The prompts' token ids (encoded once, in preparation), left-padded into a batch."""
+        width = max(len(p.ids) for p in prepared)
+        pad = self.loaded.tokenizer.pad_token_id
+        ids = [[pad] * (width - len(p.ids)) + p.ids for p in prepared]
+        mask = [[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prepared]
+        device = self.loaded.device
+        return {
+            "input_ids": torch.tensor(ids, device=device),
+            "attention_mask": torch.tensor(mask, device=device),
+        }
 
     def _generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
         tok = self.loaded.tokenizer
@@ -203,41 +205,40 @@ class TransformersCorrector(PromptPreparation, Corrector):
         return await self.batcher.acall(pairs)
 
     def _generate(
-        self, inputs: dict[str, torch.Tensor], max_new_tokens: int, streamer: Any = None
+        self, inputs: dict[str, torch.Tensor], budgets: list[int], streamer: Any = None
     ) -> list[list[int]]:
-        """New tokens per row. A single answer decodes with copy drafts when that is exact;
-        batches use batched ``generate`` (drafts are accepted per row, which padding cannot
-        express)."""
+        """New tokens per row (each row's ``budgets`` entry caps it). Copy drafts when they
+        are exact (:mod:`~aligner_chain.correctors.copy_decoding`), else ``generate``."""
         model = self.loaded.model
         with torch.inference_mode():
-            if self._copy_drafts and inputs["input_ids"].shape[0] == 1:
-                tokens, _ = copy_greedy_generate(
+            if self._copy_drafts:
+                rows, _ = copy_greedy_generate(
                     model,
                     inputs["input_ids"],
                     inputs["attention_mask"],
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=budgets,
                     eos_ids=self._eos_ids,
+                    pad_token_id=self.loaded.tokenizer.pad_token_id,
                     streamer=streamer,
                 )
-                return [tokens]
+                return rows
             output = model.generate(
-                **inputs, streamer=streamer, **self._generate_kwargs(max_new_tokens)
+                **inputs, streamer=streamer, **self._generate_kwargs(max(budgets))
             )
         start = inputs["input_ids"].shape[1]
         return [row[start:].tolist() for row in output]
 
     def _correct_batch(self, pairs: list[QAPair]) -> list[Correction]:
         prepared = [self._prepare(p) for p in pairs]
-        inputs = self._tokenize_batch([p.prompt for p in prepared])
         try:
-            rows = self._generate(inputs, max(p.max_new_tokens for p in prepared))
+            rows = self._generate(self._inputs(prepared), [p.max_new_tokens for p in prepared])
         except (RuntimeError, ValueError) as exc:
             raise CorrectorError(f"{self.model_id}: generation failed: {exc}") from exc
         return [self._finish(row, p) for row, p in zip(rows, prepared)]
 
     def stream_correction(self, pair: QAPair) -> Iterator[str | Correction]:
         prepared = self._prepare(pair)
-        inputs = self._tokenize_batch([prepared.prompt])
+        inputs = self._inputs([prepared])
         streamer = TextIteratorStreamer(
             self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
@@ -245,7 +246,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
 
         def run() -> None:
             try:
-                box["out"] = self._generate(inputs, prepared.max_new_tokens, streamer)[0]
+                box["out"] = self._generate(inputs, [prepared.max_new_tokens], streamer)[0]
             except Exception as exc:  # surfaced to the caller below
                 box["error"] = exc
                 streamer.end()
