@@ -38,7 +38,10 @@ class BatchingConfig(BaseModel):
     """How concurrent calls are coalesced.
 
     - ``max_batch_size``: the most items (pairs) merged from separate callers into one model
-      call. A caller's own batch larger than this still runs whole, in one call.
+      call. A caller's own batch larger than this still runs whole, in one call. 32 measured
+      fastest on CPU (32 concurrent calls: 1.2-1.7x the throughput of 8); a large model with
+      long answers on a small GPU may need less (a merged batch that fails, e.g. out of memory,
+      is retried caller by caller).
     - ``max_wait_ms``: how long an idle model waits for company before running the oldest
       request. 0 (default) runs it at once: measured on CPU, waiting cost a lone call ~7 ms
       and bought nothing, because callers that arrive while a call runs batch anyway.
@@ -49,7 +52,7 @@ class BatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch_size: int = Field(default=8, ge=1)
+    max_batch_size: int = Field(default=32, ge=1)
     max_wait_ms: float = Field(default=0.0, ge=0)
     max_queue: int = Field(default=1024, ge=1)
     idle_timeout_s: float = Field(default=30.0, gt=0)

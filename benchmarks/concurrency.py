@@ -54,10 +54,11 @@ def main() -> None:
         return [(await r.ainvoke(v)).text for v in values]
 
     stats = corrector.batcher.stats
-    assert asyncio.run(sequential()) == asyncio.run(concurrent()), "outputs differ"
-    assert asyncio.run(sequential(plain)) == asyncio.run(concurrent()), "outputs differ"
-    # the sequential calls made batches of one each; the rest is how the concurrent calls went
-    coalesced = args.callers / (stats.batches - args.callers)
+    expected = asyncio.run(sequential())
+    assert asyncio.run(sequential(plain)) == expected, "outputs differ"
+    before = stats.batches
+    assert asyncio.run(concurrent()) == expected, "outputs differ"
+    coalesced = args.callers / (stats.batches - before)
     timings = interleaved(
         {
             "sequential": lambda: asyncio.run(sequential()),

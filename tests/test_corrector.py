@@ -177,8 +177,8 @@ def test_run_in_event_loop_threads(corrector) -> None:
 def test_a_correction_encodes_its_prompt_once(
     corrector: TransformersCorrector, monkeypatch
 ) -> None:
-    """Hot path: one call counts the question and answer, one encodes the prompt, and those
-    ids are the model's input (no second encoding of the prompt)."""
+    """Hot path: one tokenizer call measures the question and answer and encodes the prompt,
+    whose ids are then the model's input (no second encoding)."""
     tok = corrector.loaded.tokenizer
     calls: list[object] = []
     encode = type(tok).__call__
@@ -186,8 +186,8 @@ def test_a_correction_encodes_its_prompt_once(
         type(tok), "__call__", lambda self, *a, **k: calls.append(a) or encode(self, *a, **k)
     )
     prepared = corrector._prepare(PAIRS[2])
-    assert len(calls) == 2
+    assert len(calls) == 1
     assert prepared.ids == encode(tok, prepared.prompt, split_special_tokens=True)["input_ids"]
     calls.clear()
     corrector.correct([PAIRS[2]])
-    assert len(calls) == 2
+    assert len(calls) == 1

@@ -58,11 +58,10 @@ class PromptPreparation:
         with self.loaded.lock:
             return self.loaded.tokenizer(text, split_special_tokens=True)["input_ids"]
 
-    def _count(self, *texts: str) -> list[int]:
-        """``len(self._encode(text))`` of each text (0 if empty), in one tokenizer call."""
+    def _encode_all(self, *texts: str) -> list[list[int]]:
+        """``self._encode`` of each text, in one tokenizer call."""
         with self.loaded.lock:
-            encoded = self.loaded.tokenizer(list(texts), split_special_tokens=True)["input_ids"]
-        return [len(ids) if text else 0 for text, ids in zip(texts, encoded)]
+            return self.loaded.tokenizer(list(texts), split_special_tokens=True)["input_ids"]
 
     def _keep_end(self, text: str, keep: int) -> str:
         """The suffix of ``text`` made of its last ``keep`` tokens."""
@@ -84,7 +83,11 @@ class PromptPreparation:
         if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
             raise InputError("question and answer must be strings")
         question, answer = pair.question, pair.answer
-        n_q, n_a = self._count(question, answer)
+        # One tokenizer call: the parts' lengths decide truncation, and the prompt's ids are the
+        # model's input unless truncation rebuilds it.
+        prompt = self.template.format(question, answer, pair.context)
+        q_ids, a_ids, ids = self._encode_all(question, answer, prompt)
+        n_q, n_a = len(q_ids) if question else 0, len(a_ids) if answer else 0
         gen = self.generation
 
         def total(q: int, a: int) -> int:
@@ -114,8 +117,8 @@ class PromptPreparation:
                 q_keep,
                 a_keep,
             )
-        prompt = self.template.format(question, answer, pair.context)
-        ids = self._encode(prompt)
+            prompt = self.template.format(question, answer, pair.context)
+            ids = self._encode(prompt)
         # Joint tokenization can differ from the parts by a few tokens: never exceed the context.
         budget = max(1, min(gen.budget(n_a), self.context - len(ids)))
         return PreparedPrompt(prompt, ids, budget, truncated)
