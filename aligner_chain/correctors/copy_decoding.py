@@ -190,6 +190,7 @@ def copy_greedy_generate(
     ]
     positions = mask.sum(1)  # each row's next position: its count of kept tokens
     ragged = not bool(mask.all())  # masked positions in the cache: pass mask and positions
+    track = ragged or batch > 1  # a lone unpadded row never has masked positions to track
     stats = DraftStats(forward_passes=1)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -226,7 +227,8 @@ def copy_greedy_generate(
         ]
         # Padding after a row's tokens cannot reach them (causal), so this step needs no mask
         # of its own; the mask only has to hide what earlier steps left in the cache.
-        mask = torch.cat([mask, mask.new_ones((len(live), width))], 1)
+        if track:
+            mask = torch.cat([mask, mask.new_ones((len(live), width))], 1)
         out = model(
             input_ids=torch.tensor(step, dtype=input_ids.dtype, device=device),
             attention_mask=mask if ragged else None,
@@ -245,13 +247,15 @@ def copy_greedy_generate(
             kept.append(1 + n)
             if streamer is not None and n:
                 streamer.put(torch.tensor(draft[:n]))
-        kept_t = torch.tensor(kept, device=device)
-        positions = positions + kept_t
-        mask[:, -width:] = (torch.arange(width, device=device) < kept_t[:, None]).long()
-        ragged = ragged or min(kept) < max(kept)  # a row's rejected positions stay, masked
-        if (drop := width - max(kept)) > 0:  # the tail no row kept leaves the cache
+        drop = width - max(kept)  # the tail no row kept leaves the cache
+        if track:
+            kept_t = torch.tensor(kept, device=device)
+            positions = positions + kept_t
+            mask[:, -width:] = (torch.arange(width, device=device) < kept_t[:, None]).long()
+            mask = mask[:, : mask.shape[1] - drop]
+            ragged = ragged or min(kept) < max(kept)  # rejected positions stay, masked
+        if drop:
             cache.crop(-drop)
-            mask = mask[:, :-drop]
     if streamer is not None:
         streamer.end()
     return [row.new for row in rows], stats
