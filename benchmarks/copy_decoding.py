@@ -19,7 +19,9 @@ stress test). With ``--model`` the model's own greedy output is decoded instead 
 embedded mini Aligner).
 
 Both variants run through ``TransformersCorrector.correct`` of one pair (copy drafts on and
-off), interleaved; outputs must be identical. Corrections are capped at ``--max-new-tokens``.
+off), interleaved; outputs must be identical. ``batch_*``: the subset's pairs in one
+``correct`` call (one left-padded batch), copy drafts on and off, timed in the same turns.
+Corrections are capped at ``--max-new-tokens``.
 Ablations, timed in the same turns: ``copy_no_backoff`` drafts at every step even after misses;
 ``loop_no_drafts`` runs the copy-aware decoding loop with drafting disabled, which shows how
 much of a speed-up comes from the loop's lower per-step overhead rather than from drafts;
@@ -80,20 +82,47 @@ def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> typ
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class ReplayLlama(LlamaForCausalLM):
-        """Real forward passes; the greedy choice at each position is the scripted token."""
+        """Real forward passes; the greedy choice at each position is the scripted token of
+        that row. A row's script position is its token position (``position_ids`` when given,
+        as in padded batches) minus its prompt length; rows that leave copy decoding's batch
+        are followed through the cache's ``batch_select_indices``."""
 
-        script: ClassVar[list[int]] = []
-        prompt_len: ClassVar[int] = 0
+        scripts: ClassVar[list[list[int]]] = []
+        prompt_lens: ClassVar[list[int]] = []
+        rows: ClassVar[list[int]] = []
 
-        def forward(self, input_ids: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+        def forward(
+            self,
+            input_ids: Any = None,
+            past_key_values: Any = None,
+            position_ids: Any = None,
+            **kwargs: Any,
+        ) -> Any:
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
-            out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-            total = past + input_ids.shape[1]
+            if position_ids is None:
+                position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
+            out = super().forward(
+                input_ids=input_ids,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+            if past == 0:
+                ReplayLlama.rows = list(range(input_ids.shape[0]))
+                cache, select = out.past_key_values, out.past_key_values.batch_select_indices
+
+                def follow(indices: torch.Tensor) -> None:
+                    ReplayLlama.rows = [ReplayLlama.rows[i] for i in indices.tolist()]
+                    select(indices)
+
+                cache.batch_select_indices = follow
             width = out.logits.shape[1]
-            for i in range(width):
-                j = total - width + i + 1 - self.prompt_len  # script index predicted here
-                if 0 <= j < len(self.script):
-                    out.logits[:, i, self.script[j]] += bias
+            for row, index in enumerate(self.rows):
+                script = self.scripts[index]
+                for i, position in enumerate(position_ids[row, -width:].tolist()):
+                    j = position + 1 - self.prompt_lens[index]  # script index predicted here
+                    if 0 <= j < len(script):
+                        out.logits[row, i, script[j]] += bias
             return out
 
     torch.manual_seed(0)
@@ -211,14 +240,25 @@ def main() -> None:
         script = [*ids(triple["output"])[: args.max_new_tokens], tok.eos_token_id]
         return pair, script
 
+    def load_scripts(
+        corrector: TransformersCorrector, items: list[tuple[QAPair, list[int]]]
+    ) -> None:
+        if replay is not None:
+            model.scripts = [s for _, s in items]
+            model.prompt_lens = [len(corrector._prepare(pair).ids) for pair, _ in items]
+
     def run(corrector: TransformersCorrector, items: list[tuple[QAPair, list[int]]]) -> list[str]:
         texts = []
-        for pair, script in items:
-            if replay is not None:
-                model.script = script
-                model.prompt_len = len(ids(corrector._prepare(pair).prompt))
-            texts.append(corrector.correct([pair])[0].text)
+        for item in items:
+            load_scripts(corrector, [item])
+            texts.append(corrector.correct([item[0]])[0].text)
         return texts
+
+    def run_batch(
+        corrector: TransformersCorrector, items: list[tuple[QAPair, list[int]]]
+    ) -> list[str]:
+        load_scripts(corrector, items)
+        return [c.text for c in corrector.correct([pair for pair, _ in items])]
 
     figures: dict[str, Any] = {
         "copy_share_all_triples": {
@@ -234,13 +274,13 @@ def main() -> None:
         items = [select(t) for t in chosen]
         reference = run(plain, items)
         assert run(copying, items) == reference, f"{name}: outputs differ"
+        assert run_batch(copying, items) == run_batch(plain, items) == reference, name
         lookup_identical = run(lookup, items) == reference
         passes = tokens = drafted = accepted = 0
-        for pair, script in items:
+        for pair, row_script in items:
             prepared = copying._prepare(pair)
             inputs = copying._inputs([prepared])
-            if replay is not None:
-                model.script, model.prompt_len = script, inputs["input_ids"].shape[1]
+            load_scripts(copying, [(pair, row_script)])
             with torch.inference_mode():
                 (new,), stats = copy_greedy_generate(
                     model,
@@ -260,6 +300,8 @@ def main() -> None:
                 "loop_no_drafts": lambda i=items: patched(
                     run, copying, i, MIN_DRAFT=0, MAX_DRAFT=0
                 ),
+                "plain_batch": lambda i=items: run_batch(plain, i),
+                "copy_batch": lambda i=items: run_batch(copying, i),
             },
             args.runs,
         )
@@ -285,6 +327,12 @@ def main() -> None:
             "hf_prompt_lookup_identical": lookup_identical,
             "speedup_of_loop_without_drafts": round(
                 median(ratios(times["plain"], times["loop_no_drafts"])), 3
+            ),
+            "batch_plain_s": round(median(times["plain_batch"]), 3),
+            "batch_copy_s": round(median(times["copy_batch"]), 3),
+            "batch_speedup": round(median(ratios(times["plain_batch"], times["copy_batch"])), 3),
+            "batch_speedup_cpu_time": round(
+                median(ratios(timings.cpu["plain_batch"], timings.cpu["copy_batch"])), 3
             ),
             "identical_outputs": True,
         }
