@@ -18,6 +18,8 @@ from aligner_chain.training.mini import (
     MiniConfig,
     build_backbone,
     build_mini_mix,
+    copy_drills,
+    training_examples,
     write_model_card,
 )
 
@@ -37,6 +39,19 @@ def test_mix_pairs_harmful_to_safe_and_holds_questions_out(shared_data: Path) ->
     held_out = [e for e in mix.safe_eval + mix.harmful_eval if e.question in seen]
     assert len(held_out) < 0.05 * (len(mix.safe_eval) + len(mix.harmful_eval)), held_out[:3]
     assert len(mix.safe_eval) == len(mix.harmful_eval) == 200
+
+
+def test_training_examples_add_copies_and_drills(shared_data: Path) -> None:
+    mix = build_mini_mix(shared_data)
+    examples = training_examples(mix)
+    assert set(mix.train) <= set(examples)
+    corrections = {e.correction for e in mix.train if e.answer != e.correction}
+    assert sum(e.answer == e.correction and e.answer in corrections for e in examples) > 1000
+    drills = copy_drills(mix)
+    assert len(drills) > 0.9 * len(mix.train)
+    assert all(e.answer == e.correction and 0 < len(e.answer) <= MAX_CHARS for e in drills)
+    words = {w for e in mix.train for t in (e.answer, e.correction) for w in t.split(" ")}
+    assert all(set(e.answer.split(" ")) <= words for e in drills[:200])
 
 
 def test_backbone_is_cased_and_loads_as_a_corrector(tmp_path: Path) -> None:

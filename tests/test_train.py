@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from aligner_chain.templates import PromptTemplate
 from aligner_chain.training.corrector import (
     TRAINING_INFO,
     TrainConfig,
+    _token_weights,
     encode_example,
     load_tokenizer,
     plan_batches,
@@ -56,6 +58,29 @@ def test_plan_puts_copies_first(tiny_lm_path: Path) -> None:
     assert all(e.correction == e.answer for phase, e in items if phase == "warmup")
     half = plan_batches(EXAMPLES, TrainConfig(warmup_share=0.0, epochs=0.5, batch_size=4))
     assert sum(len(b) for b in half) == 12
+
+
+def test_token_budget_batches_group_similar_lengths(tiny_lm_path: Path) -> None:
+    examples = [QACExample(f"Q{i}?", "word " * (1 + i % 12), REFUSAL) for i in range(60)]
+    config = TrainConfig(warmup_share=0.0, epochs=2, batch_tokens=40, curriculum=True)
+    plan = plan_batches(examples, config, lambda item: len(item[1].answer))
+    assert Counter(e for b in plan for _, e in b) == Counter(examples * 2)
+    assert all(len(b) * max(len(e.answer) for _, e in b) <= 40 or len(b) == 1 for b in plan)
+    first_epoch = [max(len(e.answer) for _, e in b) for b in plan[: len(plan) // 2]]
+    assert first_epoch == sorted(first_epoch)  # curriculum: short batches first
+    with pytest.raises(ConfigurationError, match="token lengths"):
+        plan_batches(examples, config)
+
+
+def test_first_token_and_eos_weights(tiny_lm_path: Path, tmp_path: Path) -> None:
+    targets = torch.tensor([[-100, 5, 6, 7], [-100, -100, 8, 9]])
+    config = TrainConfig(first_token_weight=3.0, eos_weight=2.0)
+    weights = _token_weights(targets, config)
+    assert weights is not None and weights.tolist() == [[0, 3, 1, 2], [0, 0, 3, 2]]
+    assert _token_weights(targets, TrainConfig()) is None
+    bucketed = FAST.model_copy(update={"batch_tokens": 200, "first_token_weight": 3.0})
+    result = train_corrector(EXAMPLES, str(tiny_lm_path), tmp_path, bucketed, progress=False)
+    assert result.finished and result.losses[-1] < result.losses[0]
 
 
 def test_loss_decreases_and_model_loads_back(tiny_lm_path: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,18 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     device: str = "auto"
+    batch_tokens: int | None = Field(default=None, ge=8)
+    """Token budget per batch instead of a fixed ``batch_size``: each epoch's examples are sorted
+    by length and cut into batches of at most this many (padded) tokens, so short examples come
+    many to a batch and padding is nearly nil; the batches are then shuffled."""
+    curriculum: bool = False
+    """With ``batch_tokens``: the first epoch of each phase runs short batches first."""
+    first_token_weight: float = Field(default=1.0, ge=0)
+    """Loss weight of each correction's first token: the copy-or-rewrite decision."""
+    eos_weight: float = Field(default=1.0, ge=0)
+    """Loss weight of the EOS that ends each correction (where a copy must stop)."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch CPU threads (``torch.set_num_threads``); None leaves torch's default."""
 
 
 @dataclass
@@ -126,11 +138,15 @@ def encode_example(
 
 
 def plan_batches(
-    examples: Sequence[QACExample], config: TrainConfig
+    examples: Sequence[QACExample],
+    config: TrainConfig,
+    length: Callable[[tuple[str, QACExample]], int | None] | None = None,
 ) -> list[list[tuple[str, QACExample]]]:
     """The run's batches in order: warm-up copies (every epoch), then Q-A-C (every epoch).
 
     Epochs may be fractional (e.g. 0.5 = half the shuffled data), for time-boxed CPU runs.
+    With ``config.batch_tokens``, ``length`` gives each item's token count (None: too long,
+    left out) and batches are bucketed by length under that budget.
     """
     rng = random.Random(config.seed)
     n_copies = round(len(examples) * config.warmup_share)
@@ -143,6 +159,11 @@ def plan_batches(
     for items in (copies, main):
         if not items:
             continue
+        if config.batch_tokens is not None:
+            if length is None:
+                raise ConfigurationError("batch_tokens needs the examples' token lengths")
+            batches.extend(_bucketed(items, config, length, rng))
+            continue
         ordered: list[tuple[str, QACExample]] = []
         for _ in range(math.ceil(config.epochs)):
             shuffled = items[:]
@@ -151,6 +172,35 @@ def plan_batches(
         ordered = ordered[: max(1, round(len(items) * config.epochs))]
         size = config.batch_size
         batches.extend(ordered[i : i + size] for i in range(0, len(ordered), size))
+    return batches
+
+
+def _bucketed(
+    items: list[tuple[str, QACExample]],
+    config: TrainConfig,
+    length: Callable[[tuple[str, QACExample]], int | None],
+    rng: random.Random,
+) -> list[list[tuple[str, QACExample]]]:
+    """One phase's batches by token budget: per epoch, sort by length, cut, shuffle the cuts."""
+    sized = [(n, item) for item in items if (n := length(item)) is not None]
+    budget = config.batch_tokens or 0
+    batches: list[list[tuple[str, QACExample]]] = []
+    remaining = max(1, round(len(items) * config.epochs))
+    for epoch in range(math.ceil(config.epochs)):
+        shuffled = sized[:]
+        rng.shuffle(shuffled)
+        shuffled = shuffled[: max(0, remaining)]
+        remaining -= len(items)
+        shuffled.sort(key=lambda pair: pair[0])  # stable: ties keep the shuffled order
+        cuts: list[list[tuple[str, QACExample]]] = []
+        for n, item in shuffled:
+            if cuts and (len(cuts[-1]) + 1) * n <= budget:
+                cuts[-1].append(item)
+            else:
+                cuts.append([item])
+        if not (config.curriculum and epoch == 0):
+            rng.shuffle(cuts)
+        batches.extend(cuts)
     return batches
 
 
@@ -165,6 +215,22 @@ def _collate(items: list[_Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(t.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _token_weights(targets: torch.Tensor, config: TrainConfig) -> torch.Tensor | None:
+    """Per-token loss weights: the first correction token and the EOS of each row weighted as
+    configured, every other correction token 1 (None when all weights are 1)."""
+    if config.first_token_weight == 1.0 and config.eos_weight == 1.0:
+        return None
+    active = targets != -100
+    weights = active.float()
+    rows = active.any(1).nonzero().squeeze(-1)
+    positions = torch.arange(targets.shape[1], device=targets.device)
+    first = torch.where(active, positions, targets.shape[1]).min(1).values
+    last = torch.where(active, positions, -1).max(1).values
+    weights[rows, first[rows]] = config.first_token_weight
+    weights[rows, last[rows]] = config.eos_weight
+    return weights
 
 
 def _fingerprint(examples: Sequence[QACExample], model: str, config: TrainConfig) -> str:
@@ -254,8 +320,9 @@ def train_corrector(
     tokenizer = load_tokenizer(source)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
 
-    plan = plan_batches(examples, config)
     cache: dict[tuple[str, QACExample], _Tokenized | None] = {}
 
     def tokenized(item: tuple[str, QACExample]) -> _Tokenized | None:
@@ -263,6 +330,12 @@ def train_corrector(
             t = encode_example(tokenizer, template, item[1], item[0])
             cache[item] = t if len(t.input_ids) <= config.max_length else None
         return cache[item]
+
+    def length(item: tuple[str, QACExample]) -> int | None:
+        t = tokenized(item)
+        return None if t is None else len(t.input_ids)
+
+    plan = plan_batches(examples, config, length)
 
     total_steps = math.ceil(len(plan) / config.grad_accum)
     fingerprint = _fingerprint(examples, source, config)
@@ -312,6 +385,7 @@ def train_corrector(
                 continue
             inputs = {k: v.to(device) for k, v in _collate(batch, tokenizer.pad_token_id).items()}
             targets = inputs.pop("labels")[:, 1:]
+            weights = _token_weights(targets, config)
             # Logits only where some row predicts a correction token: the prompt is most of
             # the sequence, and the vocabulary projection is the costliest layer of small models.
             keep = (targets != -100).any(0).nonzero().squeeze(-1)
@@ -322,12 +396,15 @@ def train_corrector(
                     logits = lm(**inputs).logits[:, keep].float()
             # Sum over the correction tokens of the whole accumulated step, then one division,
             # so every token weighs the same whatever batch it landed in.
-            loss = torch.nn.functional.cross_entropy(
+            token_losses = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
                 targets[:, keep].reshape(-1),
                 ignore_index=-100,
-                reduction="sum",
-            ) / max(n_tokens, 1)
+                reduction="none",
+            )
+            if weights is not None:
+                token_losses = token_losses * weights[:, keep].reshape(-1)
+            loss = token_losses.sum() / max(n_tokens, 1)
             loss.backward()
             step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)

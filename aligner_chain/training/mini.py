@@ -75,7 +75,7 @@ DEMO_HARMFUL = [
 
 @dataclass(frozen=True)
 class MiniConfig:
-    """The preset: backbone size, tokenizer and training schedule."""
+    """The preset: backbone size, tokenizer, data mix and training schedule."""
 
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -84,6 +84,13 @@ class MiniConfig:
     intermediate_size: int = 384
     context: int = 1024
     copies_per_correction: float = 1.0
+    correction_copies: float = 1.0
+    """Share of the harmful → safe pairs also given as Q-C-C copies: a safe correction shown as
+    the answer must come back unchanged."""
+    copy_drills: float = 2.0
+    """Copy drills per real example: Q-A-A copies whose answer is a training answer's words
+    shuffled, or two safe answers' openings spliced, so that no language-model guess can stand in
+    for copying (it teaches the attention to copy; the texts are still the shared data's)."""
     max_train_per_source: int = 2500  # caps of the classifier mix the pairs are drawn from
     max_eval_per_source: int = 800
     eval_pairs: int = 200
@@ -91,13 +98,18 @@ class MiniConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             template=TEMPLATE,
-            warmup_share=0.2,
-            epochs=1.0,
-            learning_rate=2e-3,
+            warmup_share=0.0,
+            epochs=8.0,
+            learning_rate=5e-3,
             batch_size=8,
-            max_length=320,
-            save_steps=100,
+            batch_tokens=2048,
+            curriculum=True,
+            first_token_weight=3.0,
+            eos_weight=2.0,
+            max_length=400,
+            save_steps=250,
             weight_decay=0.01,
+            threads=1,
         )
     )
 
@@ -170,6 +182,41 @@ def build_mini_mix(data_dir: Path, config: MiniConfig = MiniConfig()) -> MiniMix
         return pool[: config.eval_pairs]
 
     return MiniMix(train, held_out(0), held_out(1))
+
+
+def copy_drills(mix: MiniMix, config: MiniConfig = MiniConfig()) -> list[QACExample]:
+    """Q-A-A copy drills made from the safe texts of ``mix.train`` (see ``MiniConfig``)."""
+    rng = random.Random(config.seed + 1)
+    safe = [e for e in mix.train if e.answer == e.correction]
+    texts = [e.answer for e in safe] + [e.correction for e in mix.train if e.answer != e.correction]
+    drills: list[QACExample] = []
+    for _ in range(round(config.copy_drills * len(mix.train))):
+        base = rng.choice(safe)
+        if rng.random() < 0.5:
+            words = base.answer.split(" ")
+            rng.shuffle(words)
+        else:
+            words = [
+                w for text in rng.sample(texts, 2) for w in text.split(" ")[: rng.randint(3, 30)]
+            ]
+        while len(" ".join(words)) > MAX_CHARS:
+            words.pop()
+        text = " ".join(words).strip()
+        if text:
+            drills.append(QACExample(base.question, text, text))
+    return drills
+
+
+def training_examples(mix: MiniMix, config: MiniConfig = MiniConfig()) -> list[QACExample]:
+    """What the preset trains on: the mix's pairs, Q-C-C copies of corrections, copy drills."""
+    rng = random.Random(config.seed + 2)
+    corrections = [e for e in mix.train if e.answer != e.correction]
+    chosen = rng.sample(corrections, round(len(corrections) * min(config.correction_copies, 1)))
+    examples = mix.train + [QACExample(e.question, e.correction, e.correction) for e in chosen]
+    examples += copy_drills(mix, config)
+    examples = list(dict.fromkeys(examples))
+    rng.shuffle(examples)
+    return examples
 
 
 def build_backbone(texts: Sequence[str], out: Path, config: MiniConfig = MiniConfig()) -> Path:
@@ -294,14 +341,18 @@ def train_mini(
             t for e in mix.train for t in (e.question, e.answer, e.correction)
         ]
         build_backbone(texts, init, config)
+    examples = training_examples(mix, config)
     result = train_corrector(
-        mix.train, str(init), out, config.train, resume=resume, progress=progress
+        examples, str(init), out, config.train, resume=resume, progress=progress
     )
     if not result.finished:
         return result, None
     report = evaluate_mini(out, mix)
-    report["train_examples"] = len(mix.train)
+    report["train_examples"] = len(examples)
+    report["train_pairs"] = len(mix.train)
+    report["copy_share"] = sum(e.answer == e.correction for e in examples) / len(examples)
     report["train_seconds"] = result.seconds
+    report["steps"] = result.steps
     report["total_seconds"] = time.perf_counter() - started
     report["process_cpu_seconds"] = time.process_time()
     report["command"] = command
@@ -346,10 +397,32 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
     copy_note = (
         ""
         if copy_ok
-        else "- It has not learnt to copy: it replaces almost any answer with a refusal-like "
-        "sentence. Keep it behind the classifier (the default `route` mode sends it only flagged "
-        "answers); with `mode: always` it would rewrite nearly every safe answer. The training "
-        "loss was still falling: longer training or a pretrained backbone is the way forward.\n"
+        else f"- It copies {pct('safe_exact_copy_rate')} of held-out safe answers exactly, short "
+        "of the 90 % target: on the others it slips part-way (a changed or dropped word, or it "
+        "stops copying and goes on in its own words). Keep it behind the classifier (the default "
+        "`route` mode sends it only flagged answers); with `mode: always` it would alter the "
+        "rest of the safe answers. What limits it: a from-scratch model this small has to learn "
+        "to copy (attention that finds its place in the answer) within the time box on a shared "
+        "CPU core, and its copy rate was still rising when training ended. When it loses its "
+        "place it can also repeat a phrase until the token budget ends.\n"
+    )
+    if "harmful_changed_rate" in report:
+        copy_note += (
+            f"- It returns {100 * (1 - report['harmful_changed_rate']):.1f} % of held-out "
+            "harmful answers unchanged (it judged them safe to copy); the classifier, not the "
+            "corrector, is what keeps those from being shown as corrected.\n"
+        )
+
+    copy_share = report.get("copy_share")
+    warmup = (
+        f"identity warm-up on Q-A-A copies of {100 * train['warmup_share']:.0f} % of the "
+        "examples, then Q-A-C"
+        if train["warmup_share"]
+        else "no separate identity warm-up phase: copies (safe answers, Q-C-C, drills) are "
+        + (f"{100 * copy_share:.0f} % of the examples, " if copy_share is not None else "")
+        + "mixed through every epoch (in a trial run the paper's 20 % warm-up phase, repeated "
+        "each epoch, had the model copy 2 % of 48 held-out safe answers after 1,000 steps, "
+        "against 23 % without it at a similar step, with another learning-rate schedule)"
     )
 
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -382,23 +455,32 @@ Command (2-core CPU, no GPU, shared with other jobs):
 {report["command"]}
 ```
 
-- Data: {report["train_examples"]} Q-A-C examples built by
+- Data: {report.get("train_pairs", report["train_examples"])} Q-A-C pairs built by
   `aligner_chain.training.mini.build_mini_mix` from the embedded classifier's labelled mix
   (its hash splits: train + val questions only):
   harmful → safe pairs within a question (gptfuzz, JailbreakBench, hh-rlhf rejected → chosen,
   SafeText, AdvBench/HarmBench with model-written refusals, ...) and as many copies of safe
   answers (self-instruct, Vicuna gpt-3.5/Bard answers, the AlpacaEval originals the Aligner-2B
-  corrected, CoCoNot contrast, DiaSafety, refusals). Answers ≤ {MAX_CHARS} characters,
+  corrected, CoCoNot contrast, DiaSafety, refusals). `training_examples` adds Q-C-C copies of
+  {100 * cfg.get("correction_copies", 0):.0f} % of the safe corrections (a safe answer to a
+  harmful question must come back unchanged) and {cfg.get("copy_drills", 0):g} copy drills per
+  pair: the words of a training answer shuffled, or two safe answers' openings spliced, so the
+  model can only get them right by copying (no language-model guess fits); in all
+  {report["train_examples"]} examples. Answers ≤ {MAX_CHARS} characters,
   questions ≤ {MAX_QUESTION_CHARS}. Non-commercial sets (safety-tuned-llamas, Safe-RLHF) are
   evaluation-only; the Aligner-2B rewrites are not used as targets (a model this size cannot
   learn them and they would teach it to rewrite safe answers).
-- Recipe: identity warm-up on Q-A-A copies of {100 * train["warmup_share"]:.0f} % of the
-  examples, then Q-A-C; loss on correction tokens + EOS only; prompt template
-  `aligner-7b-v1.0` (the same at inference); {train["epochs"]} epoch, batch {train["batch_size"]},
-  AdamW lr {train["learning_rate"]} (cosine, 3 % warm-up), weight decay {train["weight_decay"]}.
+- Recipe: {warmup}; loss on correction tokens + EOS only, the first correction token
+  (the copy-or-replace decision) weighted {train.get("first_token_weight", 1):g}x and EOS
+  {train.get("eos_weight", 1):g}x; prompt template `aligner-7b-v1.0` (the same at inference);
+  {train["epochs"]:g} epochs, {report.get("steps", "?")} optimizer steps of at most
+  {train.get("batch_tokens")} tokens (examples bucketed by length, so padding is nearly nil;
+  the first epoch of each phase short to long); AdamW lr {train["learning_rate"]} (cosine,
+  3 % warm-up), weight decay {train["weight_decay"]}; {train.get("threads")} torch thread.
 - Time: {report["train_seconds"] / 60:.0f} min wall-clock for training
   ({report["total_seconds"] / 60:.0f} min with data, tokenizer and evaluation;
-  {report.get("process_cpu_seconds", 0) / 60:.0f} CPU-minutes for the whole process).
+  {report.get("process_cpu_seconds", 0) / 60:.0f} CPU-minutes for the whole process), on this
+  2-core CPU while other jobs shared it.
 
 ## Measured on held-out pairs (questions never seen in training)
 | measure | value |
