@@ -6,6 +6,8 @@ Both decode the same prompt to the same number of tokens (checked; the tiny mode
 EOS, so every call fills its budget). ``runnable_plain`` uses plain ``generate`` inside
 (copy drafts and micro-batching off), so its excess over ``bare_generate`` is the plumbing:
 parsing, prompt preparation and tokenization, routing, records, child runs. Target: <= 5 %.
+``in_call`` measures the same inside each call (invoke time minus the time in
+``model.generate`` during it), which machine drift between calls cannot reach.
 ``runnable_batched_plain`` adds only the micro-batcher (an idle one dispatches a lone call at
 once: the hand-off to its worker thread); ``runnable_default`` is the shipped configuration
 (micro-batching, copy drafts on), for reference.
@@ -89,6 +91,30 @@ def main() -> None:
                 median(ratios(times["bare_generate"], times["runnable_default"])), 3
             ),
         }
+    # Within one call, so the machine's drift between calls cannot enter: invoke time minus
+    # the time spent inside model.generate during that invoke.
+    inside: list[float] = []
+    real_generate = model.generate
+
+    def timed_generate(*a: object, **k: object) -> object:
+        start = time.perf_counter()
+        try:
+            return real_generate(*a, **k)
+        finally:
+            inside.append(time.perf_counter() - start)
+
+    model.generate = timed_generate
+    in_call = []
+    for _ in range(args.runs * args.calls):
+        start = time.perf_counter()
+        runnable_plain.invoke(value)
+        in_call.append((time.perf_counter() - start, inside[-1]))
+    del model.generate
+    figures["in_call"] = {
+        "plumbing_ms": round(1000 * median([t - g for t, g in in_call]), 3),
+        "overhead_pct": round(100 * median([t / g - 1 for t, g in in_call]), 2),
+        "calls": len(in_call),
+    }
     wall = timings.wall
     figures["micro_batcher_lone_call_ms"] = round(
         1000

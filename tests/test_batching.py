@@ -154,6 +154,25 @@ async def test_a_lone_call_runs_at_once_and_waiting_for_company_is_opt_in(monkey
     assert await asyncio.wait_for(call, 5) == ["out:x"]
 
 
+def test_an_idle_batcher_runs_a_lone_sync_call_on_the_callers_own_thread() -> None:
+    """No hand-off to the worker for a lone synchronous call (async callers hand off, as
+    they must not block the event loop); fn may call back into its batcher."""
+    threads: list[threading.Thread] = []
+
+    def fn(items: list[str]) -> list[str]:
+        threads.append(threading.current_thread())
+        if items == ["outer"]:
+            assert batcher(["inner"]) == ["out:inner"]
+        return echo(items)
+
+    batcher = MicroBatcher(fn)
+    assert batcher(["outer"]) == ["out:outer"]
+    assert threads == [threading.current_thread()] * 2
+    assert asyncio.run(batcher.acall(["y"])) == ["out:y"]
+    assert threads[2] is not threading.current_thread()
+    assert batcher.stats.batches == 2  # the nested call ran inside the outer batch
+
+
 def test_calls_arriving_during_a_model_call_form_the_next_batch_and_stay_whole() -> None:
     """Batches form from what queued while the model ran; separate callers merge up to
     ``max_batch_size``, and one caller's batch is never split, however large."""
@@ -407,8 +426,8 @@ def test_a_dying_worker_fails_its_callers_and_is_replaced() -> None:
         return echo(items)
 
     batcher = MicroBatcher(fn, BatchingConfig(max_wait_ms=0))
-    with pytest.raises(Fatal):
-        batcher(["first"])
+    with pytest.raises(Fatal):  # async callers always go through the worker thread
+        asyncio.run(batcher.acall(["first"]))
     workers[0].join(5)  # let it die inside this test, where its warning is expected
-    assert batcher(["second"]) == ["out:second"]
+    assert asyncio.run(batcher.acall(["second"])) == ["out:second"]
     assert workers[1] is not workers[0]  # a new worker took over
