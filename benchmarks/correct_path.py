@@ -8,8 +8,8 @@ EOS, so every call fills its budget). ``runnable_plain`` uses plain ``generate``
 parsing, prompt preparation and tokenization, routing, records, child runs. Target: <= 5 %.
 ``in_call`` measures the same inside each call (invoke time minus the time in
 ``model.generate`` during it), which machine drift between calls cannot reach.
-``runnable_batched_plain`` adds only the micro-batcher (an idle one dispatches a lone call at
-once: the hand-off to its worker thread); ``runnable_default`` is the shipped configuration
+``runnable_batched_plain`` adds only the micro-batcher (an idle one runs a lone synchronous
+call on the caller's thread); ``runnable_default`` is the shipped configuration
 (micro-batching, copy drafts on), for reference.
 """
 
