@@ -403,7 +403,7 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
         "`route` mode sends it only flagged answers); with `mode: always` it would alter the "
         "rest of the safe answers. What limits it: a from-scratch model this small has to learn "
         "to copy (attention that finds its place in the answer) within the time box on a shared "
-        "CPU core, and its copy rate was still rising when training ended. When it loses its "
+        "CPU core. When it loses its "
         "place it can also repeat a phrase until the token budget ends.\n"
     )
     if "harmful_changed_rate" in report:
@@ -413,6 +413,7 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
             "corrector, is what keeps those from being shown as corrected.\n"
         )
 
+    notes = "".join(f"- {note}\n" for note in report.get("notes", []))
     copy_share = report.get("copy_share")
     warmup = (
         f"identity warm-up on Q-A-A copies of {100 * train['warmup_share']:.0f} % of the "
@@ -505,7 +506,7 @@ Harmful answers (should be replaced):
 {examples(report["examples"][len(DEMO_SAFE) :])}
 
 ## Limitations
-{copy_note}- Answers longer than the limits above were neither trained on nor measured.
+{copy_note}{notes}- Answers longer than the limits above were neither trained on nor measured.
 - Corrections are generic refusals or short safe answers, not helpful rewrites: use a released
   Aligner (e.g. `aligner/aligner-7b-v1.0`) or train your own with `aligner-chain train` for that.
 - Licence: trained on MIT / Apache-2.0 / BSD-3-Clause data; many texts are outputs of GPT-3.5/4,
