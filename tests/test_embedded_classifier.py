@@ -15,6 +15,7 @@ from aligner_chain.classifiers.embedded import (
 from aligner_chain.cli import main
 from aligner_chain.errors import ConfigurationError, InputError, ModelLoadError
 from aligner_chain.routing import RoutingPolicy
+from aligner_chain.training.train_classifier import FPR_TARGET, choose_bands
 from aligner_chain.types import QAPair
 
 # (harmful question, refusal, compliance): the compliance texts are short and non-operational.
@@ -160,3 +161,21 @@ def test_tiny_training_run_produces_a_loadable_classifier(
 def test_training_rejects_a_folder_without_the_shared_data(tmp_path: Path) -> None:
     code = main(["train-classifier", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2
+
+
+def test_decision_threshold_maximises_accuracy_within_the_fpr_target() -> None:
+    # 40 harmless answers with scores 0.00..0.39, 20 harmful ones at 0.30..0.49 (overlap 0.30-0.39)
+    probs = [i / 100 for i in range(40)] + [0.30 + i / 100 for i in range(20)]
+    labels = [0] * 40 + [1] * 20
+    bands = choose_bands(probs, labels)
+    t = bands["correct_at"]
+    fpr = sum(1 for p, y in zip(probs, labels) if p >= t and y == 0) / 40
+    assert fpr <= FPR_TARGET
+    # correct_at: the most accurate threshold within the FPR target; ties go to the lowest
+    accuracy = {
+        c: sum(1 for p, y in zip(probs, labels) if (p >= c) == (y == 1)) / 60
+        for c in sorted(set(probs))
+        if sum(1 for p, y in zip(probs, labels) if p >= c and y == 0) / 40 <= FPR_TARGET
+    }
+    assert accuracy[t] == max(accuracy.values())
+    assert t == min(c for c, a in accuracy.items() if a == accuracy[t])

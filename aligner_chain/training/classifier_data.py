@@ -34,12 +34,13 @@ class Source:
     licence: str
     use: str  # "train": all three splits; "eval": test split only
     labels: str
+    train_weight: float = 1.0  # training cap = max_train_per_source x this
 
 
 SOURCES: dict[str, Source] = {
     "gptfuzz": Source("MIT", "train", "human: jailbreak response complies with harmful question"),
     "jailbreakbench": Source("MIT", "train", "automated judge (Llama-3-70B): jailbroken"),
-    "diasafety": Source("Apache-2.0", "train", "human: context-dependent response safety"),
+    "diasafety": Source("Apache-2.0", "train", "human: context-dependent response safety", 2.0),
     "llm_self_defense": Source("BSD-3-Clause", "train", "human: response harmful yes/no"),
     "openai_rbr_gold": Source("MIT", "train", "human: disallowed_content proposition"),
     "hh_rlhf": Source("MIT", "train", "human preference: rejected more harmful than chosen"),
@@ -369,8 +370,12 @@ def build_mix(
         if SOURCES[ex.source].use == "eval" and ex.split != "test":
             continue
         by_key.setdefault((ex.source, ex.split), []).append(ex)
-    for (_, split), examples in sorted(by_key.items()):
-        cap = max_train_per_source if split == "train" else max_eval_per_source
+    for (source, split), examples in sorted(by_key.items()):
+        cap = (
+            round(max_train_per_source * SOURCES[source].train_weight)
+            if split == "train"
+            else max_eval_per_source
+        )
         mix.add(_subsample(examples, cap, rng))
     rng.shuffle(mix.train)
     return mix

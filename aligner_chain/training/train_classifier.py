@@ -42,7 +42,7 @@ from aligner_chain.types import QAPair
 logger = logging.getLogger(__name__)
 
 FPR_TARGET = 0.05
-"""correct_at is the lowest score whose validation false-positive rate stays within this."""
+"""correct_at keeps the validation false-positive rate on harmless answers within this."""
 PRECISION_REASK, PRECISION_REFUSE = 0.95, 0.99
 """reask_at / refuse_at are the lowest scores whose validation precision reaches these."""
 
@@ -51,17 +51,17 @@ PRECISION_REASK, PRECISION_REFUSE = 0.95, 0.99
 class TrainSettings:
     """Everything that determines the result; stored in the output config."""
 
-    epochs: int = 1
+    epochs: int = 2
     max_length: int = 96
     question_tokens: int = 32
     overlap: int = 24
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 8e-5
     weight_decay: float = 0.01
     warmup: float = 0.06
     rank_weight: float = 0.5
     seed: int = 0
-    max_train_per_source: int = 700
+    max_train_per_source: int = 1500
     max_eval_per_source: int = 300
 
     def check(self) -> None:
@@ -225,22 +225,28 @@ def threshold_metrics(probs: Sequence[float], labels: Sequence[int], t: float) -
 
 
 def choose_bands(probs: Sequence[float], labels: Sequence[int]) -> dict[str, float | None]:
-    """Bands from validation scores: FPR target for correct_at, precision targets above it.
+    """Bands from validation scores: the decision threshold correct_at, precision bands above it.
 
-    Thresholds are scanned from the top score down, so each candidate's counts are cumulative.
-    A precision band needs at least 20 flagged pairs to count.
+    ``correct_at`` is the threshold with the highest validation accuracy among those whose
+    validation false-positive rate is within :data:`FPR_TARGET` (ties: the lowest such
+    threshold, i.e. the higher recall). Thresholds are scanned from the top score down, so each
+    candidate's counts are cumulative. A precision band needs at least 20 flagged pairs.
     """
-    neg = max(1, len(labels) - sum(labels))
+    pos = sum(labels)
+    neg = max(1, len(labels) - pos)
     ranked = sorted(zip(probs, labels, strict=True), reverse=True)
-    stats: list[tuple[float, float, float]] = []  # (threshold, fpr, precision), descending
+    # (threshold, fpr, precision, accuracy), descending thresholds
+    stats: list[tuple[float, float, float, float]] = []
     tp = fp = 0
     for k, (p, y) in enumerate(ranked):
         tp, fp = tp + y, fp + (1 - y)
         if k + 1 == len(ranked) or ranked[k + 1][0] != p:
-            stats.append((p, fp / neg, tp / (tp + fp) if tp + fp >= 20 else 0.0))
+            precision = tp / (tp + fp) if tp + fp >= 20 else 0.0
+            stats.append((p, fp / neg, precision, (tp + neg - fp) / max(1, len(labels))))
     ascending = stats[::-1]
-    correct_at = next((t for t, f, _ in ascending if f <= FPR_TARGET), 1.0)
-    above = [(t, prec) for t, _, prec in ascending if t >= correct_at]
+    allowed = [(acc, -t) for t, f, _, acc in ascending if f <= FPR_TARGET]
+    correct_at = -max(allowed)[1] if allowed else 1.0
+    above = [(t, prec) for t, _, prec, _ in ascending if t >= correct_at]
     reask_at = next((t for t, prec in above if prec >= PRECISION_REASK), None)
     refuse_at = next((t for t, prec in above if prec >= PRECISION_REFUSE), None)
     if reask_at is not None and refuse_at is not None:
