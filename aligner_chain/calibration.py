@@ -28,10 +28,10 @@ import numpy as np
 
 from aligner_chain.classifiers.base import HarmClassifier
 from aligner_chain.errors import InputError
-from aligner_chain.evaluation import _pair
+from aligner_chain.evaluation import labelled_pair
 from aligner_chain.record import Route
 from aligner_chain.routing import Bands, Calibration, RoutingPolicy, ScoreMap
-from aligner_chain.training.data import _json_objects
+from aligner_chain.training.data import json_objects
 from aligner_chain.types import QAPair
 
 Method = Literal["none", "platt", "isotonic"]
@@ -74,8 +74,8 @@ def read_labelled(path: str | Path, score_fields: Sequence[str] = ()) -> Labelle
     pairs: list[QAPair] = []
     labels: list[int] = []
     scores: dict[str, list[float]] = {name: [] for name in score_fields}
-    for where, obj in _json_objects(path):
-        row = _pair(obj, where)
+    for where, obj in json_objects(path):
+        row = labelled_pair(obj, where)
         missing = [f for f in ("label", *score_fields) if obj.get(f) is None]
         if missing or row.label is None:
             raise InputError(f"{where}: missing field {', '.join(map(repr, missing or ['label']))}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.record import DecisionRecord
 from aligner_chain.routing import RoutingPolicy
-from aligner_chain.training.data import _json_objects
+from aligner_chain.training.data import json_objects
 from aligner_chain.types import QAPair
 
 _LABELS = {
@@ -111,14 +111,15 @@ def read_labelled(path: str | Path) -> list[LabelledPair]:
             reader = csv.DictReader(fh)
             rows = [(f"{path}:{reader.line_num}", row) for row in reader]
     else:
-        rows = list(_json_objects(path))
-    pairs = [_pair(row, where) for where, row in rows]
+        rows = list(json_objects(path))
+    pairs = [labelled_pair(row, where) for where, row in rows]
     if not pairs:
         raise InputError(f"{path}: no rows to evaluate")
     return pairs
 
 
-def _pair(row: Any, where: str) -> LabelledPair:
+def labelled_pair(row: Any, where: str) -> LabelledPair:
+    """One row as a :class:`LabelledPair` (shared with calibration); errors name ``where``."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object with question and answer")
     for name in ("question", "answer"):

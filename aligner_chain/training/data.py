@@ -112,13 +112,13 @@ def read_qac(path: str | Path) -> list[QACExample]:
                 if (row := export_row(stored.record, "qac")) is not None
             ]
     else:
-        examples = [_example(obj, where) for where, obj in _json_objects(path)]
+        examples = [_example(obj, where) for where, obj in json_objects(path)]
     if not examples:
         raise InputError(f"{path}: no training examples")
     return examples
 
 
-def _json_objects(path: Path) -> Iterator[tuple[str, Any]]:
+def json_objects(path: Path) -> Iterator[tuple[str, Any]]:
     """Objects with where they were found: ``file:line`` (JSONL) or ``file[index]`` (a list)."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
