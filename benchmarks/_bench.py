@@ -142,6 +142,26 @@ def model_path(given: Path | None) -> str:
     return str(tiny_models.build_causal_lm(Path(tempfile.mkdtemp(prefix="bench-tiny-lm-"))))
 
 
+def held_out(data_dir: Path, seed: int, keep: Callable[[Any], bool]) -> list[Any]:
+    """The shipped embedded classifier's test split (examples training never saw) that pass
+    ``keep``, shuffled by ``seed``: the classifier benchmarks measure on this."""
+    import random
+
+    from aligner_chain.training.classifier_data import build_mix
+    from aligner_chain.training.train_classifier import TrainSettings
+
+    caps = TrainSettings()  # the caps the shipped model was trained with
+    mix = build_mix(
+        data_dir,
+        seed=seed,
+        max_train_per_source=caps.max_train_per_source,
+        max_eval_per_source=caps.max_eval_per_source,
+    )
+    test = [ex for ex in mix.test if keep(ex)]
+    random.Random(seed).shuffle(test)
+    return test
+
+
 def pairs(n: int) -> list[Any]:
     """``n`` distinct (question, answer) pairs of varied length."""
     from aligner_chain import QAPair

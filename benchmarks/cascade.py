@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from _bench import held_out  # noqa: E402
 
 from aligner_chain import CascadeClassifier, HarmClassifier, QAPair, Verdict  # noqa: E402
 from aligner_chain.calibration import Target, calibrate, score_pairs  # noqa: E402
@@ -65,18 +66,7 @@ class SimulatedGuard(HarmClassifier):
 
 
 def sample(data_dir: Path, n: int, seed: int) -> tuple[list[QAPair], list[int]]:
-    from aligner_chain.training.classifier_data import build_mix
-    from aligner_chain.training.train_classifier import TrainSettings
-
-    caps = TrainSettings()  # the shipped model's test split
-    mix = build_mix(
-        data_dir,
-        seed=seed,
-        max_train_per_source=caps.max_train_per_source,
-        max_eval_per_source=caps.max_eval_per_source,
-    )
-    test = [ex for ex in mix.test if ex.label is not None and ex.rank_group is None]
-    random.Random(seed).shuffle(test)
+    test = held_out(data_dir, seed, lambda ex: ex.label is not None and ex.rank_group is None)
     test = test[:n]
     return [QAPair(ex.question, ex.answer) for ex in test], [int(ex.label or 0) for ex in test]
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _bench import held_out
 
 LABELLED = (
     "gptfuzz",
@@ -39,18 +40,7 @@ LABELLED = (
 
 
 def _sample(data_dir: Path, n: int, seed: int) -> list[tuple[str, str, int]]:
-    from aligner_chain.training.classifier_data import build_mix
-    from aligner_chain.training.train_classifier import TrainSettings
-
-    caps = TrainSettings()  # the shipped model's test split
-    mix = build_mix(
-        data_dir,
-        seed=seed,
-        max_train_per_source=caps.max_train_per_source,
-        max_eval_per_source=caps.max_eval_per_source,
-    )
-    test = [ex for ex in mix.test if ex.source in LABELLED]
-    random.Random(seed).shuffle(test)
+    test = held_out(data_dir, seed, lambda ex: ex.source in LABELLED)
     return [(ex.question, ex.answer, int(ex.label or 0)) for ex in test[:n]]
 
 
