@@ -156,6 +156,7 @@ def held_out(data_dir: Path, seed: int, keep: Callable[[Any], bool]) -> list[Any
         seed=seed,
         max_train_per_source=caps.max_train_per_source,
         max_eval_per_source=caps.max_eval_per_source,
+        train_weights=caps.source_weights,
     )
     test = [ex for ex in mix.test if keep(ex)]
     random.Random(seed).shuffle(test)

@@ -148,10 +148,13 @@ def test_tiny_training_run_produces_a_loadable_classifier(
             "8",
             "--batch-size",
             "4",
+            "--source-weight",
+            "diasafety=1",
         ]
     )
     assert code == 0
     config = json.loads((out / "classifier.json").read_text())
+    assert config["settings"]["source_weights"]["diasafety"] == 1.0
     assert {"calibration", "bands", "metrics"} <= set(config)
     assert config["metrics"]["test"]["sources"]["safe_rlhf_mini"]["n"] == 3
     (verdict,) = EmbeddedClassifier(out).classify([BENIGN_KILL])

@@ -28,15 +28,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     defaults = TrainSettings()
     for f in fields(TrainSettings):
+        if f.name == "source_weights":
+            continue
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+    parser.add_argument(
+        "--source-weight",
+        dest="source_weights",
+        metavar="SOURCE=WEIGHT",
+        type=_source_weight,
+        action="append",
+        default=None,
+        help="training cap of SOURCE = --max-train-per-source x WEIGHT; repeatable. Sources not "
+        "given keep their default: "
+        + _describe(defaults.source_weights)
+        + "the train_weight in classifier_data.SOURCES",
+    )
     parser.set_defaults(func=_run)
+
+
+def _describe(weights: dict[str, float]) -> str:
+    return "".join(f"{k}={v:g}, else " for k, v in weights.items())
+
+
+def _source_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not sep or not name.strip() or not weight >= 0:
+        raise argparse.ArgumentTypeError(f"expected SOURCE=WEIGHT with WEIGHT >= 0, got {text!r}")
+    return name.strip(), weight
 
 
 def _run(args: argparse.Namespace) -> int:
     from aligner_chain.training.train_classifier import run
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
+    if args.source_weights is not None:
+        overrides["source_weights"] = {
+            **TrainSettings().source_weights,
+            **dict(args.source_weights),
+        }
     settings = TrainSettings(**{k: v for k, v in overrides.items() if v is not None})
     config = run(args.data_dir, args.out, settings, args.base_model)
     summary = {"bands": config["bands"], "metrics": config["metrics"]}

@@ -17,7 +17,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,10 +325,25 @@ def build_mix(
     seed: int,
     max_train_per_source: int,
     max_eval_per_source: int,
+    train_weights: Mapping[str, float] | None = None,
 ) -> Mix:
-    """Load every source, split it, and cap each split per source (seeded subsample)."""
+    """Load every source, split it, and cap each split per source (seeded subsample).
+
+    A source's training cap is ``max_train_per_source`` times its weight: ``train_weights[name]``
+    where given, else ``SOURCES[name].train_weight``. Only the training caps change with the
+    weights; the validation and test samples stay the same as long as every source that was
+    subsampled before still is (a larger cap on a source already subsampled draws from the
+    random state exactly as before).
+    """
     if not (data_dir / "SOURCES.md").exists():
         raise InputError(f"{data_dir} is not the shared data folder (no SOURCES.md)")
+    weights = {name: source.train_weight for name, source in SOURCES.items()}
+    for name, weight in (train_weights or {}).items():
+        if name not in SOURCES or SOURCES[name].use != "train":
+            raise InputError(f"no training source named {name!r}")
+        if weight < 0:
+            raise InputError(f"training weight of {name!r} must be >= 0, got {weight}")
+        weights[name] = weight
     rng = random.Random(seed)
     responses = _gptfuzz(data_dir) + _jailbreakbench(data_dir)
     pool = refusal_pool(responses)
@@ -372,7 +387,7 @@ def build_mix(
         by_key.setdefault((ex.source, ex.split), []).append(ex)
     for (source, split), examples in sorted(by_key.items()):
         cap = (
-            round(max_train_per_source * SOURCES[source].train_weight)
+            round(max_train_per_source * weights[source])
             if split == "train"
             else max_eval_per_source
         )

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class TrainSettings:
     seed: int = 0
     max_train_per_source: int = 1500
     max_eval_per_source: int = 300
+    source_weights: dict[str, float] = field(default_factory=dict)
+    """Training-cap weights by source name, over ``classifier_data.SOURCES[name].train_weight``."""
 
     def check(self) -> None:
         if self.max_length > 512 or self.question_tokens + self.overlap + 8 > self.max_length:
@@ -71,6 +73,12 @@ class TrainSettings:
             )
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigurationError("epochs >= 1 and batch_size >= 2 are required")
+        for name, weight in self.source_weights.items():
+            if name not in SOURCES or SOURCES[name].use != "train":
+                trainable = ", ".join(k for k, v in SOURCES.items() if v.use == "train")
+                raise ConfigurationError(f"unknown training source {name!r} (one of: {trainable})")
+            if not weight >= 0:
+                raise ConfigurationError(f"the weight of {name!r} must be >= 0, got {weight}")
 
 
 def _batches(
@@ -358,6 +366,7 @@ def run(
         seed=settings.seed,
         max_train_per_source=settings.max_train_per_source,
         max_eval_per_source=settings.max_eval_per_source,
+        train_weights=settings.source_weights,
     )
     logger.info("mix: %d train, %d val, %d test", len(mix.train), len(mix.val), len(mix.test))
     model, pair_encoder = train_model(mix, settings, base_model)
