@@ -161,7 +161,7 @@ def test_paper_preset_samples(tiny_lm_path) -> None:
 def test_empty_generation_is_marked_empty(tiny_lm_path) -> None:
     eos_first = TransformersCorrector(str(tiny_lm_path))
     out = eos_first._finish(
-        [eos_first.loaded.tokenizer.eos_token_id, 5, 6], eos_first._prepare(PAIRS[1])
+        [eos_first.loaded.tokenizer.eos_token_id, 5, 6], eos_first._prepare(PAIRS[1]), PAIRS[1]
     )
     assert out.empty and out.text == ""
 

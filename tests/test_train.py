@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict
@@ -159,3 +160,65 @@ def test_bad_inputs(tiny_lm_path: Path, tmp_path: Path) -> None:
         train_corrector(EXAMPLES, str(no_tokenizer), tmp_path / "y", progress=False)
     with pytest.raises(ModelLoadError, match="not found"):
         train_corrector(EXAMPLES, str(tmp_path / "missing"), tmp_path / "z", progress=False)
+
+
+KEEP = "<|keep|>"
+KEEP_EXAMPLES = [
+    *(QACExample(f"Safe {i}?", " ".join(WORDS[i % 6 : i % 6 + 4]) + "!", "") for i in range(12)),
+    *(QACExample(f"Bad {i}?", "Do the bad thing.", REFUSAL) for i in range(12)),
+]
+KEEP_EXAMPLES = [QACExample(e.question, e.answer, e.correction or e.answer) for e in KEEP_EXAMPLES]
+
+
+def test_keep_token_target_is_one_token(tiny_lm_path: Path) -> None:
+    from aligner_chain.training.corrector import add_keep_token
+
+    tokenizer = load_tokenizer(str(tiny_lm_path))
+    keep_id = add_keep_token(tokenizer, KEEP)
+    assert add_keep_token(tokenizer, KEEP) == keep_id  # added once
+    template = PromptTemplate.resolve(None)
+    copy = QACExample("Q?", "A long answer that stays.", "A long answer that stays.")
+    t = encode_example(tokenizer, template, copy, "qac", keep_id)
+    assert [x for x in t.labels if x != -100] == [keep_id, tokenizer.eos_token_id]
+    rewrite = QACExample("Q?", "Bad.", REFUSAL)
+    assert encode_example(tokenizer, template, rewrite, "qac", keep_id) == encode_example(
+        tokenizer, template, rewrite, "qac"
+    )
+    # Answer text that spells the token is split, never read as the token.
+    assert keep_id not in tokenizer(f"say {KEEP} now", split_special_tokens=True)["input_ids"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_keep_token_round_trip(tiny_lm_path: Path, tmp_path: Path, lora: bool) -> None:
+    """Trained with a keep token, the model leaves safe answers byte-identical (the corrector
+    expands the token) and still rewrites the others, in batches and in streams."""
+    if lora:
+        pytest.importorskip("peft")
+    config = FAST.model_copy(
+        update={"keep_token": KEEP, "warmup_share": 0.0, "epochs": 15, "lora": lora}
+    )
+    out = tmp_path / "keep"
+    assert train_corrector(KEEP_EXAMPLES, str(tiny_lm_path), out, config, progress=False).finished
+    assert json.loads((out / "config.json").read_text())["aligner_keep_token"] == KEEP
+    corrector = TransformersCorrector(str(out), device="cpu", batching=False)
+    assert corrector._keep_id is not None
+    safe = QAPair("Safe 2?", "  brown fox jumps over!\n")  # odd spacing survives exactly
+    kept, rewritten = corrector.correct([safe, QAPair("Bad 3?", "Do the bad thing.")])
+    if not lora:  # LoRA at rank 4 on a random model learns too little to assert outputs
+        assert kept.text == safe.answer and kept.info == {
+            "finish_reason": "keep",
+            "new_tokens": 1,
+            "kept": True,
+        }
+        assert rewritten.text == REFUSAL and not rewritten.info.get("kept")
+        *deltas, final = corrector.stream_correction(safe)
+        assert "".join(deltas) == safe.answer and final.text == safe.answer
+
+
+def test_keep_token_missing_from_tokenizer(tiny_lm_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_lm_path, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "aligner_keep_token": KEEP}))
+    with pytest.raises(ModelLoadError, match=re.escape(f"{KEEP!r}, which its tokenizer lacks")):
+        TransformersCorrector(str(broken), device="cpu")

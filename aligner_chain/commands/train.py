@@ -25,6 +25,7 @@ _OVERRIDES = {
     "seed": "seed",
     "device": "device",
     "lora_r": "lora_r",
+    "keep_token": "keep_token",
 }
 
 
@@ -64,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto (GPU if present; default), cpu, cuda, ...")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
     parser.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    parser.add_argument(
+        "--keep-token",
+        help="train copies (correction = answer) to emit this one special token, which the "
+        "corrector expands back to the answer exactly (e.g. '<|keep|>'; the mini preset's)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

@@ -16,7 +16,7 @@ from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.correctors.copy_decoding import copy_greedy_generate, supports_copy_drafts
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, trim_stream
-from aligner_chain.errors import ConfigurationError, CorrectorError
+from aligner_chain.errors import ConfigurationError, CorrectorError, ModelLoadError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
 from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
@@ -122,6 +122,11 @@ class TransformersCorrector(PromptPreparation, Corrector):
     Input that does not fit the context is truncated: the question loses tokens from its start
     first (down to 32 tokens), then the answer loses tokens from its start, keeping its end. The
     correction then has ``truncated=True`` and a warning is logged.
+
+    A model trained with a keep token (its config's ``aligner_keep_token``; see
+    :class:`~aligner_chain.training.corrector.TrainConfig`) may answer "no change needed" with
+    that one token: the correction is then the original answer exactly (even when the prompt was
+    truncated), with ``info["kept"] = True``. The token stops generation wherever it appears.
     """
 
     def __init__(
@@ -151,6 +156,8 @@ class TransformersCorrector(PromptPreparation, Corrector):
         self.model_id = model_id or model
         tok = self.loaded.tokenizer
         self._eos_ids = _eos_ids(self.loaded.model, tok)
+        self._keep_id = _keep_id(self.loaded.model, tok, model)
+        self._stop_ids = self._eos_ids | ({self._keep_id} if self._keep_id is not None else set())
         self._overhead = len(self._encode(self.template.format("", "")))
         model = self.loaded.model
         wanted = self.generation.copy_drafts
@@ -178,13 +185,20 @@ class TransformersCorrector(PromptPreparation, Corrector):
         return {
             "max_new_tokens": max_new_tokens,
             "pad_token_id": tok.pad_token_id,
-            "eos_token_id": sorted(self._eos_ids),
+            "eos_token_id": sorted(self._stop_ids),
             **self.generation.generate_kwargs(),
         }
 
-    def _finish(self, tokens: list[int], prepared: PreparedPrompt) -> Correction:
+    def _finish(self, tokens: list[int], prepared: PreparedPrompt, pair: QAPair) -> Correction:
+        if self._keep_id is not None and tokens[:1] == [self._keep_id]:
+            return Correction(
+                text=pair.answer,
+                model_id=self.model_id,
+                truncated=prepared.truncated,
+                info={"finish_reason": "keep", "new_tokens": 1, "kept": True},
+            )
         cut = tokens[: prepared.max_new_tokens]
-        stop = next((i for i, t in enumerate(cut) if t in self._eos_ids), None)
+        stop = next((i for i, t in enumerate(cut) if t in self._stop_ids), None)
         finish = "stop" if stop is not None else "length"
         if stop is not None:
             cut = cut[:stop]
@@ -217,7 +231,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
                     inputs["input_ids"],
                     inputs["attention_mask"],
                     max_new_tokens=budgets,
-                    eos_ids=self._eos_ids,
+                    eos_ids=self._stop_ids,
                     pad_token_id=self.loaded.tokenizer.pad_token_id,
                     streamer=streamer,
                 )
@@ -234,7 +248,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
             rows = self._generate(self._inputs(prepared), [p.max_new_tokens for p in prepared])
         except (RuntimeError, ValueError) as exc:
             raise CorrectorError(f"{self.model_id}: generation failed: {exc}") from exc
-        return [self._finish(row, p) for row, p in zip(rows, prepared)]
+        return [self._finish(row, p, pair) for row, p, pair in zip(rows, prepared, pairs)]
 
     def stream_correction(self, pair: QAPair) -> Iterator[str | Correction]:
         prepared = self._prepare(pair)
@@ -259,7 +273,24 @@ class TransformersCorrector(PromptPreparation, Corrector):
             raise CorrectorError(f"{self.model_id}: generation failed: {box['error']}") from box[
                 "error"
             ]
-        yield self._finish(box["out"], prepared)
+        final = self._finish(box["out"], prepared, pair)
+        if final.info.get("kept"):
+            yield final.text  # the keep token streamed nothing: the answer is the correction
+        yield final
+
+
+def _keep_id(model: Any, tokenizer: Any, source: str) -> int | None:
+    """The id of the model's keep token (``config.aligner_keep_token``), if it was trained with
+    one; a config naming a token the tokenizer lacks is a broken model folder."""
+    token = getattr(model.config, "aligner_keep_token", None)
+    if token is None:
+        return None
+    found = tokenizer.get_vocab().get(token)
+    if found is None:
+        raise ModelLoadError(
+            f"{source}: config.json names the keep token {token!r}, which its tokenizer lacks"
+        )
+    return found
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

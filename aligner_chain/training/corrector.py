@@ -81,6 +81,12 @@ class TrainConfig(BaseModel):
     """Loss weight of the EOS that ends each correction (where a copy must stop)."""
     threads: int | None = Field(default=None, ge=1)
     """torch CPU threads (``torch.set_num_threads``); None leaves torch's default."""
+    keep_token: str | None = None
+    """Teach a one-token answer to "no change needed": examples whose correction equals the
+    answer are trained to emit this special token (added to the tokenizer if missing) and EOS,
+    and the saved model's config names it (``aligner_keep_token``), so
+    :class:`~aligner_chain.TransformersCorrector` expands it back to the answer byte for byte.
+    A small model then never has to copy a long answer token by token to leave it unchanged."""
 
 
 @dataclass
@@ -116,23 +122,31 @@ def load_tokenizer(model: str) -> Any:
 
 
 def encode_example(
-    tokenizer: Any, template: PromptTemplate, example: QACExample, phase: str
+    tokenizer: Any,
+    template: PromptTemplate,
+    example: QACExample,
+    phase: str,
+    keep_token_id: int | None = None,
 ) -> _Tokenized:
     """Prompt tokens as the corrector builds them at inference, then correction + EOS.
 
     The prompt is tokenized alone (special-token text split, as at inference). The correction is
     taken from the joint tokenization when the prompt's tokens are its prefix, so the boundary
-    token matches what the model would naturally produce; otherwise it is tokenized alone.
+    token matches what the model would naturally produce; otherwise it is tokenized alone. With
+    ``keep_token_id``, a correction equal to the answer is that one token instead.
     """
     prompt = template.format(example.question, example.answer)
     prompt_ids = tokenizer(prompt, split_special_tokens=True)["input_ids"]
-    joint = tokenizer(prompt + " " + example.correction, split_special_tokens=True)["input_ids"]
-    if joint[: len(prompt_ids)] == prompt_ids:
-        target = joint[len(prompt_ids) :]
+    if keep_token_id is not None and example.correction == example.answer:
+        target = [keep_token_id]
     else:
-        target = tokenizer(
-            " " + example.correction, add_special_tokens=False, split_special_tokens=True
-        )["input_ids"]
+        joint = tokenizer(prompt + " " + example.correction, split_special_tokens=True)
+        if joint["input_ids"][: len(prompt_ids)] == prompt_ids:
+            target = joint["input_ids"][len(prompt_ids) :]
+        else:
+            target = tokenizer(
+                " " + example.correction, add_special_tokens=False, split_special_tokens=True
+            )["input_ids"]
     target = [*target, tokenizer.eos_token_id]
     return _Tokenized(prompt_ids + target, [-100] * len(prompt_ids) + target, phase)
 
@@ -243,8 +257,22 @@ def _fingerprint(examples: Sequence[QACExample], model: str, config: TrainConfig
     return digest.hexdigest()[:16]
 
 
-def _build_model(model: str, config: TrainConfig, device: torch.device) -> Any:
+def add_keep_token(tokenizer: Any, token: str) -> int:
+    """The id of ``token`` in ``tokenizer``, added as a special token when it is missing
+    (special, so answer text that spells it is split at inference and cannot trigger it)."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def _build_model(
+    model: str, config: TrainConfig, device: torch.device, vocab: int, keep_id: int | None
+) -> Any:
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if vocab > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(vocab)
+    if config.keep_token is not None:
+        lm.config.aligner_keep_token = config.keep_token
     if config.lora:
         try:
             from peft import LoraConfig, get_peft_model
@@ -256,6 +284,8 @@ def _build_model(model: str, config: TrainConfig, device: torch.device) -> Any:
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
             target_modules="all-linear",
+            # The keep token is new: its embedding row must learn although the rest is frozen.
+            trainable_token_indices=None if keep_id is None else [keep_id],
         )
         lm = get_peft_model(lm, lora)
     return lm.to(device)
@@ -318,6 +348,7 @@ def train_corrector(
     out = Path(out)
     template = PromptTemplate.resolve(config.template)
     tokenizer = load_tokenizer(source)
+    keep_id = None if config.keep_token is None else add_keep_token(tokenizer, config.keep_token)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if config.threads is not None:
@@ -327,7 +358,7 @@ def train_corrector(
 
     def tokenized(item: tuple[str, QACExample]) -> _Tokenized | None:
         if item not in cache:
-            t = encode_example(tokenizer, template, item[1], item[0])
+            t = encode_example(tokenizer, template, item[1], item[0], keep_id)
             cache[item] = t if len(t.input_ids) <= config.max_length else None
         return cache[item]
 
@@ -340,7 +371,7 @@ def train_corrector(
     total_steps = math.ceil(len(plan) / config.grad_accum)
     fingerprint = _fingerprint(examples, source, config)
 
-    lm = _build_model(source, config, device)
+    lm = _build_model(source, config, device, len(tokenizer), keep_id)
     lm.train()
     optimizer = torch.optim.AdamW(
         [p for p in lm.parameters() if p.requires_grad],
