@@ -23,7 +23,7 @@ from aligner_chain.errors import ConfigurationError, CorrectorError, RefusedErro
 from aligner_chain.inputs import Turn, message_text, model_safe, parse_input
 from aligner_chain.record import DecisionRecord, Route
 from aligner_chain.routing import RouteRule, RoutingPolicy
-from aligner_chain.types import Correction, QAPair
+from aligner_chain.types import Correction, QAPair, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -272,15 +272,32 @@ class AlignerRunnable(RunnableSerializable[Any, AIMessage]):
             for w, c in corrected:
                 self._settle(w, c.text)
             return
+        to_verify: list[tuple[_Work, Correction]] = []
+        for w, c in corrected:
+            judged = w.record.verdict_after or w.record.verdict_before
+            if c.text == w.pair.answer and judged is not None:
+                # The corrector kept the answer (e.g. a keep token): the verdict on this exact
+                # pair stands, so it is not classified again.
+                w.record.notes.append("the corrector left the answer unchanged")
+                self._verified(w, judged, c.text)
+            else:
+                to_verify.append((w, c))
+        if not to_verify:
+            return
+        corrected = to_verify
         pairs = [QAPair(w.pair.question, c.text, w.pair.context) for w, c in corrected]
         verdicts = yield Effect("classify", pairs, "verify")
         texts = {id(w): c.text for w, c in corrected}
         for w, verdict in self._per_item([w for w, _ in corrected], verdicts, "classifier"):
-            w.record.verdict_after = verdict
-            if self.policy.is_flagged(verdict):
-                self._fallback(w, "the correction was still flagged")
-            else:
-                self._settle(w, texts[id(w)])
+            self._verified(w, verdict, texts[id(w)])
+
+    def _verified(self, w: _Work, verdict: Verdict, text: str) -> None:
+        """Settle a correction on its verdict: still flagged falls back, otherwise it stands."""
+        w.record.verdict_after = verdict
+        if self.policy.is_flagged(verdict):
+            self._fallback(w, "the correction was still flagged")
+        else:
+            self._settle(w, text)
 
     def _message(self, w: _Work) -> AIMessage:
         return _with_record(w.turn.message, w.record)

@@ -14,6 +14,7 @@ from aligner_chain import (
     AlignerRunnable,
     ClassifierError,
     ConfigurationError,
+    Correction,
     Corrector,
     InputError,
     RefusedError,
@@ -192,6 +193,35 @@ class BrokenCorrector(Corrector):
 
     def correct(self, pairs):
         raise RuntimeError("GPU on fire")
+
+
+class KeepingCorrector(Corrector):
+    """Leaves every answer as it is, as a model with a keep token does for safe answers."""
+
+    model_id = "keeper"
+
+    def correct(self, pairs):
+        return [Correction(p.answer, self.model_id, info={"kept": True}) for p in pairs]
+
+
+def test_unchanged_correction_keeps_its_verdict_without_reclassifying() -> None:
+    calls: list[str] = []
+
+    def counting(q: str, a: str) -> float:
+        calls.append(a)
+        return keyword_judge(q, a)
+
+    flagged = step(KeepingCorrector(), judge=counting).invoke({"question": "q", "answer": "BOMB"})
+    rec = record(flagged)
+    assert calls == ["BOMB"]  # judged once: the same pair would get the same verdict
+    assert rec["verdict_after"] == rec["verdict_before"] and rec["fallback"] == "refuse"
+    assert "the corrector left the answer unchanged" in rec["notes"]
+    assert rec["original_answer"] == rec["corrected_answer"] == "BOMB"
+    calls.clear()
+    kept = step(KeepingCorrector(), judge=counting, mode="always").invoke(
+        {"question": "q", "answer": "fine"}
+    )
+    assert calls == ["fine"] and kept.content == "fine" and record(kept)["fallback"] is None
 
 
 def test_corrector_failure_follows_the_error_policy() -> None:
