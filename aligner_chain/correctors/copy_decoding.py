@@ -201,7 +201,10 @@ def copy_greedy_generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    # transformers 5.x names the cache argument ``cache`` (``past_key_values`` is deprecated).
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    cache_arg = "cache" if takes_cache else "past_key_values"
+    cache = out.past_key_values  # the same object under either name
     tokens = out.logits[:, -1].argmax(-1).tolist()
     live = list(range(batch))  # the rows still in the model's batch, in cache order
     while True:
@@ -235,8 +238,8 @@ def copy_greedy_generate(
             position_ids=positions[:, None] + torch.arange(width, device=device)
             if ragged
             else None,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_arg: cache},
         )
         stats.forward_passes += 1
         choices = out.logits.argmax(-1).tolist()
