@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from aligner_chain.classifiers.embedded import ASSET_DIR, CONFIG_FILE
 from aligner_chain.cli import main
 from aligner_chain.errors import ConfigurationError, InputError
 from aligner_chain.training import train_classifier
@@ -84,3 +87,9 @@ def test_a_weight_changes_only_that_sources_training_share(shared_data: Path) ->
     }
     dia = {(ex.question, ex.answer) for ex in base.train if ex.source == "diasafety"}
     assert dia <= {(ex.question, ex.answer) for ex in weighted.train if ex.source == "diasafety"}
+
+
+def test_the_command_defaults_are_the_shipped_recipe() -> None:
+    # the model card's regenerate command relies on this: no flags beyond --data-dir and --out
+    shipped = json.loads((ASSET_DIR / CONFIG_FILE).read_text())["settings"]
+    assert asdict(TrainSettings()) == shipped
