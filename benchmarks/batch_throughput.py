@@ -7,7 +7,9 @@ sees the 16 pairs in one call (the micro-batcher never splits one caller's batch
 ``default`` is the shipped corrector (micro-batching, copy drafts for single answers and
 batches); ``plain`` has both off, so its calls are plain ``generate``. Target: >= 3x
 throughput for the batch. ``plain_batch`` / ``default_batch`` is what copy drafts gain in a
-batch.
+batch. ``--workload harmful`` corrects :data:`_bench.HARMFUL` instead of the harmless
+:func:`_bench.pairs`, which a keep-token corrector keeps with one token each; ``workload`` in
+the JSON counts kept and rewritten answers.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _bench import interleaved, median, model_path, pairs, parse, parser, ratios, write
+from _bench import (
+    add_workload,
+    interleaved,
+    median,
+    model_path,
+    outcomes,
+    parse,
+    parser,
+    ratios,
+    workload,
+    write,
+)
 
 
 def main() -> None:
     p = parser(__doc__ or "", "batch_throughput.json")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--size", type=int, default=16, help="answers per batch")
+    add_workload(p)
     args = parse(p)
     started = time.time()
 
@@ -30,8 +44,9 @@ def main() -> None:
 
     path = model_path(args.model)
     policy = RoutingPolicy(mode="always", verify_after_correct=False)
+    corrector = TransformersCorrector(path)
     runnables = {
-        "default": AlignerRunnable(corrector=TransformersCorrector(path), policy=policy),
+        "default": AlignerRunnable(corrector=corrector, policy=policy),
         "plain": AlignerRunnable(
             corrector=TransformersCorrector(
                 path, generation=GenerationSettings(copy_drafts=False), batching=False
@@ -39,7 +54,8 @@ def main() -> None:
             policy=policy,
         ),
     }
-    values = [{"question": q.question, "answer": q.answer} for q in pairs(args.size)]
+    measured = workload(args.workload, args.size)
+    values = [{"question": q.question, "answer": q.answer} for q in measured]
     outputs = {name: [m.text for m in r.batch(values)] for name, r in runnables.items()}
     assert outputs["default"] == outputs["plain"]
     assert outputs["default"] == [runnables["default"].invoke(v).text for v in values]
@@ -49,7 +65,11 @@ def main() -> None:
         variants[f"{name}_sequential"] = lambda r=r: [r.invoke(v) for v in values]
         variants[f"{name}_batch"] = lambda r=r: r.batch(values)
     timings = interleaved(variants, args.runs)
-    figures: dict[str, object] = {"answers": args.size, "identical_outputs": True}
+    figures: dict[str, object] = {
+        "answers": args.size,
+        "identical_outputs": True,
+        "workload": {"name": args.workload, **outcomes(corrector, measured)},
+    }
     for clock, times in (("wall", timings.wall), ("cpu", timings.cpu)):
         figures[clock] = {
             "median_s": {k: round(median(v), 3) for k, v in times.items()},
@@ -68,6 +88,7 @@ def main() -> None:
         "model": str(args.model or "tiny test Llama"),
         "runs": args.runs,
         "threads": args.threads,
+        "workload": args.workload,
     }
     write(args.out, figures, config, started)
 

@@ -6,7 +6,9 @@ Each call corrects one answer (``mode="always"``). Concurrent calls are coalesce
 corrector's :class:`~aligner_chain.batching.MicroBatcher` into shared ``generate`` calls of up
 to ``max_batch_size`` pairs; sequential awaits decode one answer at a time, with copy drafts as
 shipped (``sequential``) and without (``sequential_plain``). Outputs must be identical.
-Target: >= 3x throughput.
+Target: >= 3x throughput. ``--workload harmful`` corrects :data:`_bench.HARMFUL` (in turn)
+instead of the harmless :func:`_bench.pairs`, which a keep-token corrector keeps with one token
+each; ``workload`` in the JSON counts kept and rewritten answers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,18 @@ import asyncio
 import time
 from pathlib import Path
 
-from _bench import interleaved, median, model_path, pairs, parse, parser, ratios, write
+from _bench import (
+    add_workload,
+    interleaved,
+    median,
+    model_path,
+    outcomes,
+    parse,
+    parser,
+    ratios,
+    workload,
+    write,
+)
 
 
 def main() -> None:
@@ -23,6 +36,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--callers", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=None, help="default: BatchingConfig's")
+    add_workload(p)
     args = parse(p)
     started = time.time()
 
@@ -45,7 +59,8 @@ def main() -> None:
         ),
         policy=policy,
     )
-    values = [{"question": q.question, "answer": q.answer} for q in pairs(args.callers)]
+    measured = workload(args.workload, args.callers)
+    values = [{"question": q.question, "answer": q.answer} for q in measured]
 
     async def concurrent() -> list[str]:
         return [m.text for m in await asyncio.gather(*(runnable.ainvoke(v) for v in values))]
@@ -71,6 +86,7 @@ def main() -> None:
         "callers": args.callers,
         "concurrent_items_per_generate_call": round(coalesced, 2),
         "identical_outputs": True,
+        "workload": {"name": args.workload, **outcomes(corrector, measured)},
     }
     for clock, times in (("wall", timings.wall), ("cpu", timings.cpu)):
         speedups = ratios(times["sequential"], times["concurrent"])
@@ -88,6 +104,7 @@ def main() -> None:
         "runs": args.runs,
         "threads": args.threads,
         "batching": batching.model_dump(),
+        "workload": args.workload,
     }
     write(args.out, figures, config, started)
 

@@ -11,6 +11,13 @@ parsing, prompt preparation and tokenization, routing, records, child runs. Targ
 ``runnable_batched_plain`` adds only the micro-batcher (an idle one runs a lone synchronous
 call on the caller's thread); ``runnable_default`` is the shipped configuration
 (micro-batching, copy drafts on), for reference.
+
+``--workload synthetic`` (default) times the fourth of the harmless :func:`_bench.pairs`;
+``harmful`` the first pair of :data:`_bench.HARMFUL` that the model rewrites (all of them are
+corrected once to find it; if it keeps them all, the first). A keep-token corrector (the
+embedded mini Aligner) keeps a harmless answer with one generated token, so ``synthetic``
+then times one prefill and one step, ``harmful`` a generated correction. ``workload`` in the
+JSON counts kept and rewritten answers.
 """
 
 from __future__ import annotations
@@ -18,13 +25,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _bench import interleaved, median, model_path, pairs, parse, parser, ratios, write
+from _bench import (
+    HARMFUL,
+    add_workload,
+    interleaved,
+    median,
+    model_path,
+    outcomes,
+    pairs,
+    parse,
+    parser,
+    ratios,
+    workload,
+    write,
+)
 
 
 def main() -> None:
     p = parser(__doc__ or "", "correct_path.json")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--calls", type=int, default=3, help="calls of each variant per run")
+    add_workload(p)
     args = parse(p)
     started = time.time()
 
@@ -44,7 +65,12 @@ def main() -> None:
     runnable_batched = AlignerRunnable(corrector=batched, policy=policy)
     runnable_default = AlignerRunnable(corrector=default, policy=policy)
 
-    pair = pairs(4)[3]
+    if args.workload == "synthetic":
+        candidates = pairs(4)[3:]
+    else:
+        candidates = workload(args.workload, len(HARMFUL))
+    found = outcomes(plain, candidates)
+    pair = candidates[found["first_rewritten"] or 0]
     prepared = plain._prepare(pair)
     inputs = plain._inputs([prepared])
     kwargs = plain._generate_kwargs(prepared.max_new_tokens)
@@ -76,6 +102,8 @@ def main() -> None:
         calls=args.calls,
     )
     figures: dict[str, object] = {
+        "workload": {"name": args.workload, **found},
+        "kept": bool(correction.info.get("kept")),
         "new_tokens": n_bare,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "target_overhead_pct": 5.0,
@@ -121,7 +149,12 @@ def main() -> None:
         * median([b - a for a, b in zip(wall["runnable_plain"], wall["runnable_batched_plain"])]),
         2,
     )
-    config = {"model": str(args.model or "tiny test Llama"), "runs": args.runs, "calls": args.calls}
+    config = {
+        "model": str(args.model or "tiny test Llama"),
+        "runs": args.runs,
+        "calls": args.calls,
+        "workload": args.workload,
+    }
     write(args.out, figures, config, started)
 
 
