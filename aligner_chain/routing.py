@@ -128,7 +128,8 @@ class RoutingPolicy(Bands):
     - ``max_reasks``: how many times the upstream may be asked again for one answer.
     - ``reask_with_draft``: include the corrector's draft in the re-ask feedback as guidance.
     - ``verify_after_correct``: classify the correction; if it is still at or above
-      ``correct_at``, apply ``fallback``.
+      ``correct_at``, apply ``fallback``. A correction identical to the answer keeps the
+      verdict that answer already had (the same pair is not classified twice).
     - ``fallback``: what replaces an answer that could not be made safe: ``refuse`` (the
       ``refusal_message``), ``original`` (keep the upstream answer) or ``raise``
       (:class:`~aligner_chain.errors.RefusedError`).
