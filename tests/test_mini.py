@@ -13,12 +13,12 @@ from aligner_chain.commands import train
 from aligner_chain.correctors import mini
 from aligner_chain.errors import InputError
 from aligner_chain.training.mini import (
+    KEEP_TOKEN,
     MAX_CHARS,
     MAX_QUESTION_CHARS,
     MiniConfig,
     build_backbone,
     build_mini_mix,
-    copy_drills,
     training_examples,
     write_model_card,
 )
@@ -30,28 +30,27 @@ def test_mix_pairs_harmful_to_safe_and_holds_questions_out(shared_data: Path) ->
     mix = build_mini_mix(shared_data)
     copies = [e for e in mix.train if e.answer == e.correction]
     corrections = [e for e in mix.train if e.answer != e.correction]
-    assert len(corrections) > 1000 and len(copies) == len(corrections)
+    assert len(corrections) > 1000 and len(copies) > len(corrections)  # as many as the data has
     assert all(
         len(e.question) <= MAX_QUESTION_CHARS and len(e.answer.strip()) <= MAX_CHARS
         for e in mix.train + mix.safe_eval + mix.harmful_eval
     )
     seen = {e.question for e in mix.train}
-    held_out = [e for e in mix.safe_eval + mix.harmful_eval if e.question in seen]
-    assert len(held_out) < 0.05 * (len(mix.safe_eval) + len(mix.harmful_eval)), held_out[:3]
+    assert not [e for e in mix.safe_eval + mix.harmful_eval if e.question in seen]
     assert len(mix.safe_eval) == len(mix.harmful_eval) == 200
+    # The held-out sample does not move when the training mix is drawn differently.
+    other = build_mini_mix(shared_data, MiniConfig(copies_per_correction=1.0))
+    assert (other.safe_eval, other.harmful_eval) == (mix.safe_eval, mix.harmful_eval)
+    assert other.train != mix.train
 
 
-def test_training_examples_add_copies_and_drills(shared_data: Path) -> None:
+def test_training_examples_add_copies_of_corrections(shared_data: Path) -> None:
     mix = build_mini_mix(shared_data)
     examples = training_examples(mix)
     assert set(mix.train) <= set(examples)
     corrections = {e.correction for e in mix.train if e.answer != e.correction}
     assert sum(e.answer == e.correction and e.answer in corrections for e in examples) > 1000
-    drills = copy_drills(mix)
-    assert len(drills) > 0.9 * len(mix.train)
-    assert all(e.answer == e.correction and 0 < len(e.answer) <= MAX_CHARS for e in drills)
-    words = {w for e in mix.train for t in (e.answer, e.correction) for w in t.split(" ")}
-    assert all(set(e.answer.split(" ")) <= words for e in drills[:200])
+    assert MiniConfig().train.keep_token == KEEP_TOKEN  # copies train as one token
 
 
 def test_backbone_is_cased_and_loads_as_a_corrector(tmp_path: Path) -> None:
@@ -107,4 +106,4 @@ def test_model_card_states_the_measured_figures(tmp_path: Path) -> None:
     }
     card = write_model_card(out, report).read_text()
     assert "91.5 % of 200" in card and "75.0 %" in card and "30 min wall-clock" in card
-    assert "--preset mini" in card
+    assert "--preset mini" in card and f"`{KEEP_TOKEN}`" in card and "it meets both" in card

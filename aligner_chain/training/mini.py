@@ -11,9 +11,9 @@ The data are the labelled pairs of the embedded classifier's mix
 held-out questions are the same for both models and never seen in training:
 
 - harmful → safe: within one question (or one hh-rlhf dialogue, or one jailbreak goal), each
-  harmful answer is paired with a safe answer to the same question; for harmful requests with no
-  safe answer in the data, with a refusal written by a real model;
-- copies: every safe answer, as answer = correction.
+  harmful answer is paired with a safe answer to the same question; for harmful requests and
+  DiaSafety turns with no safe answer in the data, with a refusal written by a real model;
+- copies: safe answers, as answer = correction (trained as the keep token).
 
 Only permissively licensed sets train the model (the non-commercial ones are evaluation-only in
 that mix); see ``MODEL_CARD.md`` beside the weights for the measured figures.
@@ -49,8 +49,15 @@ a 1.4M-parameter model trained for under an hour on a shared 2-core CPU copies s
 and cannot be expected to copy long ones."""
 MAX_QUESTION_CHARS = 200
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-REFUSAL_FALLBACK_SOURCES = frozenset({"gptfuzz", "jailbreakbench", "llm_self_defense", "advbench"})
-"""Sources whose questions are harmful requests: a refusal is a fitting safe answer there."""
+KEEP_TOKEN = "<|keep|>"
+"""The mini Aligner's "no change needed" token (see ``TrainConfig.keep_token``)."""
+REFUSAL_FALLBACK_SOURCES = frozenset(
+    {"gptfuzz", "jailbreakbench", "llm_self_defense", "advbench", "diasafety"}
+)
+"""Sources whose harmful answers may be corrected to a refusal when the data has no safe answer
+to the same question: harmful requests, and DiaSafety's dialogue turns (few of its contexts
+have a safe and an unsafe reply; without them the model sees too few harmful answers to learn
+when not to keep one)."""
 
 
 # Hand-written pairs for the model card: the shipped card quotes no data-set text.
@@ -83,14 +90,12 @@ class MiniConfig:
     heads: int = 4
     intermediate_size: int = 384
     context: int = 1024
-    copies_per_correction: float = 1.0
+    copies_per_correction: float = 1.5
+    """Safe copies drawn per harmful → safe pair, as far as the data has them: the more safe
+    answers the model sees, the fewer it rewrites (and the more harmful ones it keeps)."""
     correction_copies: float = 1.0
     """Share of the harmful → safe pairs also given as Q-C-C copies: a safe correction shown as
     the answer must come back unchanged."""
-    copy_drills: float = 2.0
-    """Copy drills per real example: Q-A-A copies whose answer is a training answer's words
-    shuffled, or two safe answers' openings spliced, so that no language-model guess can stand in
-    for copying (it teaches the attention to copy; the texts are still the shared data's)."""
     max_train_per_source: int = 2500  # caps of the classifier mix the pairs are drawn from
     max_eval_per_source: int = 800
     eval_pairs: int = 200
@@ -99,7 +104,7 @@ class MiniConfig:
         default_factory=lambda: TrainConfig(
             template=TEMPLATE,
             warmup_share=0.0,
-            epochs=8.0,
+            epochs=12.0,
             learning_rate=5e-3,
             batch_size=8,
             batch_tokens=2048,
@@ -110,6 +115,7 @@ class MiniConfig:
             save_steps=250,
             weight_decay=0.01,
             threads=1,
+            keep_token=KEEP_TOKEN,
         )
     )
 
@@ -171,49 +177,33 @@ def build_mini_mix(data_dir: Path, config: MiniConfig = MiniConfig()) -> MiniMix
     train = corrections + copies
     rng.shuffle(train)
 
+    trained_questions = {ex.goal or ex.question for ex in seen}  # whatever the mix draws
+
     def held_out(label: int) -> list[QACExample]:
+        # Hash splits keep each dialogue whole, but a question text can recur across dialogues
+        # (hh-rlhf openings): such pairs are left out, so every held-out question is unseen.
         pool = [
             QACExample(ex.goal or ex.question, ex.answer, ex.answer)
             for ex in mix.test
-            if ex.label == label and _fits(ex.goal or ex.question, ex.answer)
+            if ex.label == label
+            and _fits(ex.goal or ex.question, ex.answer)
+            and (ex.goal or ex.question) not in trained_questions
         ]
         pool = list(dict.fromkeys(pool))
-        rng.shuffle(pool)
+        # A generator of its own: the sample must not depend on how the training pairs were
+        # drawn, so that runs with other training mixes are measured on the same pairs.
+        random.Random(f"{config.seed}-held-out-{label}").shuffle(pool)
         return pool[: config.eval_pairs]
 
     return MiniMix(train, held_out(0), held_out(1))
 
 
-def copy_drills(mix: MiniMix, config: MiniConfig = MiniConfig()) -> list[QACExample]:
-    """Q-A-A copy drills made from the safe texts of ``mix.train`` (see ``MiniConfig``)."""
-    rng = random.Random(config.seed + 1)
-    safe = [e for e in mix.train if e.answer == e.correction]
-    texts = [e.answer for e in safe] + [e.correction for e in mix.train if e.answer != e.correction]
-    drills: list[QACExample] = []
-    for _ in range(round(config.copy_drills * len(mix.train))):
-        base = rng.choice(safe)
-        if rng.random() < 0.5:
-            words = base.answer.split(" ")
-            rng.shuffle(words)
-        else:
-            words = [
-                w for text in rng.sample(texts, 2) for w in text.split(" ")[: rng.randint(3, 30)]
-            ]
-        while len(" ".join(words)) > MAX_CHARS:
-            words.pop()
-        text = " ".join(words).strip()
-        if text:
-            drills.append(QACExample(base.question, text, text))
-    return drills
-
-
 def training_examples(mix: MiniMix, config: MiniConfig = MiniConfig()) -> list[QACExample]:
-    """What the preset trains on: the mix's pairs, Q-C-C copies of corrections, copy drills."""
+    """What the preset trains on: the mix's pairs and Q-C-C copies of corrections."""
     rng = random.Random(config.seed + 2)
     corrections = [e for e in mix.train if e.answer != e.correction]
     chosen = rng.sample(corrections, round(len(corrections) * min(config.correction_copies, 1)))
     examples = mix.train + [QACExample(e.question, e.correction, e.correction) for e in chosen]
-    examples += copy_drills(mix, config)
     examples = list(dict.fromkeys(examples))
     rng.shuffle(examples)
     return examples
@@ -275,13 +265,13 @@ def evaluate_mini(model_dir: Path, mix: MiniMix) -> dict[str, Any]:
     safe_out = run(mix.safe_eval)
     harmful_out = run(mix.harmful_eval)
     seconds = time.perf_counter() - started
-    copies = [o == e.answer.strip() for o, e in zip(safe_out, mix.safe_eval)]
+    copies = [o.strip() == e.answer.strip() for o, e in zip(safe_out, mix.safe_eval)]
     report: dict[str, Any] = {
         "safe_pairs": len(copies),
         "safe_exact_copy_rate": sum(copies) / max(len(copies), 1),
         "harmful_pairs": len(harmful_out),
         "harmful_changed_rate": sum(
-            o != e.answer.strip() for o, e in zip(harmful_out, mix.harmful_eval)
+            o.strip() != e.answer.strip() for o, e in zip(harmful_out, mix.harmful_eval)
         )
         / max(len(harmful_out), 1),
         "seconds_per_pair": seconds / max(len(safe_out) + len(harmful_out), 1),
@@ -387,24 +377,22 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
         + " and ".join(
             m
             for m, ok in (
-                ("it does not copy safe answers", copy_ok),
+                ("it rewrites too many safe answers", copy_ok),
                 ("harmful answers stay flagged", harm_ok),
             )
             if not ok
         )
     )
 
+    keep = train["keep_token"]
     copy_note = (
         ""
         if copy_ok
-        else f"- It copies {pct('safe_exact_copy_rate')} of held-out safe answers exactly, short "
-        "of the 90 % target: on the others it slips part-way (a changed or dropped word, or it "
-        "stops copying and goes on in its own words). Keep it behind the classifier (the default "
-        "`route` mode sends it only flagged answers); with `mode: always` it would alter the "
-        "rest of the safe answers. What limits it: a from-scratch model this small has to learn "
-        "to copy (attention that finds its place in the answer) within the time box on a shared "
-        "CPU core. When it loses its "
-        "place it can also repeat a phrase until the token budget ends.\n"
+        else f"- It keeps {pct('safe_exact_copy_rate')} of held-out safe answers, short of the "
+        "90 % target: the others it judges harmful and rewrites, nearly always into a refusal, "
+        "so with `mode: always` it would refuse them. Keep it behind the classifier (the "
+        "default `route` mode sends it only flagged answers; there a kept flagged answer keeps "
+        "its verdict and gets the policy's fallback, a refusal by default).\n"
     )
     if "harmful_changed_rate" in report:
         copy_note += (
@@ -413,17 +401,31 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
             "corrector, is what keeps those from being shown as corrected.\n"
         )
 
+    keep_intro = f"""
+It says "no change needed" with one token, `{keep}`: `TransformersCorrector` (which reads the
+token from `config.json`, `aligner_keep_token`) returns the original answer byte for byte in its
+place, with `info["kept"] = True`. Any other output is generated text, the correction.
+"""
+    keep_why = f"""
+Why a keep token: trained to copy safe answers token by token (an earlier version of this
+preset, 13,151 examples with copy drills, 8 epochs), this model copied only 55-56 % of held-out
+safe answers exactly: it nearly always *decided* to copy (196 of 200 started right) but lost its
+place part-way through longer answers. The decision is what a model this size can learn; the
+copying it cannot do reliably. So copies are trained as `{keep}` + EOS (`--keep-token`, a
+general option of `aligner-chain train`), the corrector expands the token, and the model's
+capacity goes to the decision and to the safe answers it writes. A kept answer also costs one
+decoding step instead of one per token.
+"""
     notes = "".join(f"- {note}\n" for note in report.get("notes", []))
     copy_share = report.get("copy_share")
     warmup = (
         f"identity warm-up on Q-A-A copies of {100 * train['warmup_share']:.0f} % of the "
         "examples, then Q-A-C"
         if train["warmup_share"]
-        else "no separate identity warm-up phase: copies (safe answers, Q-C-C, drills) are "
+        else "no separate identity warm-up phase: copies (safe answers and Q-C-C) are "
         + (f"{100 * copy_share:.0f} % of the examples, " if copy_share is not None else "")
-        + "mixed through every epoch (in a trial run the paper's 20 % warm-up phase, repeated "
-        "each epoch, had the model copy 2 % of 48 held-out safe answers after 1,000 steps, "
-        "against 23 % without it at a similar step, with another learning-rate schedule)"
+        + f"mixed through every epoch, each trained as `{keep}` + EOS (the paper's warm-up "
+        "teaches copying token by token, which the keep token replaces)"
     )
 
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -432,10 +434,11 @@ def write_model_card(out: Path, report: dict[str, Any]) -> Path:
     card = f"""# mini Aligner (aligner-chain embedded corrector)
 
 A {params / 1e6:.2f}M-parameter Llama-architecture causal LM trained **from scratch** as a
-residual corrector, to copy safe answers exactly and to replace harmful answers with a safe
-answer (mostly a refusal); it is not meant to make a full Aligner's helpfulness rewrites. It is
-the default corrector of `AlignerRunnable` when none is given, so the pipeline runs offline.
-How far it meets those aims is measured below: **{status}**.
+residual corrector, to leave safe answers exactly as they are and to replace harmful answers
+with a safe answer (mostly a refusal); it is not meant to make a full Aligner's helpfulness
+rewrites. It is the default corrector of `AlignerRunnable` when none is given, so the pipeline
+runs offline. How far it meets those aims is measured below: **{status}**.
+{keep_intro}
 
 The examples are hand-written (the card quotes no data-set text); corrections are the model's
 greedy outputs.
@@ -448,7 +451,7 @@ training text) keeps case, punctuation and any Unicode byte, so exact copies are
 Size: hidden {cfg["hidden_size"]}, {cfg["layers"]} layers, {cfg["heads"]} heads, MLP
 {cfg["intermediate_size"]}, tied embeddings, context {cfg["context"]};
 weights {weights / 1e6:.1f} MB (fp32 safetensors).
-
+{keep_why}
 ## Training
 Command (2-core CPU, no GPU, shared with other jobs):
 
@@ -460,17 +463,15 @@ Command (2-core CPU, no GPU, shared with other jobs):
   `aligner_chain.training.mini.build_mini_mix` from the embedded classifier's labelled mix
   (its hash splits: train + val questions only):
   harmful → safe pairs within a question (gptfuzz, JailbreakBench, hh-rlhf rejected → chosen,
-  SafeText, AdvBench/HarmBench with model-written refusals, ...) and as many copies of safe
-  answers (self-instruct, Vicuna gpt-3.5/Bard answers, the AlpacaEval originals the Aligner-2B
-  corrected, CoCoNot contrast, DiaSafety, refusals). `training_examples` adds Q-C-C copies of
+  SafeText, AdvBench/HarmBench and DiaSafety with model-written refusals, ...) and up to
+  {cfg.get("copies_per_correction", 1):g} copies of safe answers per such pair (self-instruct,
+  Vicuna gpt-3.5/Bard answers, the AlpacaEval originals the Aligner-2B corrected, CoCoNot
+  contrast, DiaSafety, refusals). `training_examples` adds Q-C-C copies of
   {100 * cfg.get("correction_copies", 0):.0f} % of the safe corrections (a safe answer to a
-  harmful question must come back unchanged) and {cfg.get("copy_drills", 0):g} copy drills per
-  pair: the words of a training answer shuffled, or two safe answers' openings spliced, so the
-  model can only get them right by copying (no language-model guess fits); in all
-  {report["train_examples"]} examples. Answers ≤ {MAX_CHARS} characters,
-  questions ≤ {MAX_QUESTION_CHARS}. Non-commercial sets (safety-tuned-llamas, Safe-RLHF) are
-  evaluation-only; the Aligner-2B rewrites are not used as targets (a model this size cannot
-  learn them and they would teach it to rewrite safe answers).
+  harmful question must come back unchanged); in all {report["train_examples"]} examples.
+  Answers ≤ {MAX_CHARS} characters, questions ≤ {MAX_QUESTION_CHARS}. Non-commercial sets
+  (safety-tuned-llamas, Safe-RLHF) are evaluation-only; the Aligner-2B rewrites are not used as
+  targets (a model this size cannot learn them and they would teach it to rewrite safe answers).
 - Recipe: {warmup}; loss on correction tokens + EOS only, the first correction token
   (the copy-or-replace decision) weighted {train.get("first_token_weight", 1):g}x and EOS
   {train.get("eos_weight", 1):g}x; prompt template `aligner-7b-v1.0` (the same at inference);
