@@ -110,7 +110,18 @@ class AlignedChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"llm_type": self.llm._llm_type, "llm": dict(self.llm._identifying_params)}
+        # Part of langchain's cache key: answers aligned under another policy or by other
+        # models must not be served from the cache.
+        aligner = self.aligner
+        return {
+            "llm_type": self.llm._llm_type,
+            "llm": dict(self.llm._identifying_params),
+            "aligner": {
+                "classifier": getattr(aligner.classifier, "classifier_id", None),
+                "corrector": getattr(aligner.corrector, "model_id", None),
+                "policy": aligner.policy.model_dump(mode="json"),
+            },
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         # The inner run reports the real provider; a different provider here keeps tracing

@@ -382,3 +382,15 @@ class TestAlignedChatModelIntegration(ChatModelIntegrationTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return False
+
+
+def test_cache_key_covers_the_aligner() -> None:
+    """A cached answer aligned under one policy is never served to a model with another."""
+    from langchain_core.caches import InMemoryCache
+
+    cache = InMemoryCache()
+    routed = AlignedChatModel(llm=scripted(RAW), aligner=aligner(), cache=cache)
+    shadow = AlignedChatModel(llm=scripted(RAW), aligner=aligner(mode="shadow"), cache=cache)
+    assert routed.invoke("How?").content == "[ALIGNED] RAW-cake instructions"
+    assert routed.invoke("How?").content == "[ALIGNED] RAW-cake instructions"  # from the cache
+    assert shadow.invoke("How?").content == RAW  # its own call, not the routed model's answer
