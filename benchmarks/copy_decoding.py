@@ -91,22 +91,13 @@ def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> typ
         prompt_lens: ClassVar[list[int]] = []
         rows: ClassVar[list[int]] = []
 
-        def forward(
-            self,
-            input_ids: Any = None,
-            past_key_values: Any = None,
-            position_ids: Any = None,
-            **kwargs: Any,
-        ) -> Any:
-            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        def forward(self, input_ids: Any = None, position_ids: Any = None, **kwargs: Any) -> Any:
+            # The cache arrives as ``cache`` (transformers 5.x) or ``past_key_values`` (4.x).
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = 0 if cache is None else cache.get_seq_length()
             if position_ids is None:
                 position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
-            out = super().forward(
-                input_ids=input_ids,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                **kwargs,
-            )
+            out = super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
             if past == 0:
                 ReplayLlama.rows = list(range(input_ids.shape[0]))
                 cache, select = out.past_key_values, out.past_key_values.batch_select_indices

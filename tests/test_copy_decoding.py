@@ -169,24 +169,15 @@ class _CopyNudged(LlamaForCausalLM):
     rows: ClassVar[list[int]] = []
     bias: ClassVar[float] = 0.0
 
-    def forward(
-        self,
-        input_ids: Any = None,
-        past_key_values: Any = None,
-        position_ids: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    def forward(self, input_ids: Any = None, position_ids: Any = None, **kwargs: Any) -> Any:
+        # The cache arrives as ``cache`` (transformers 5.x) or ``past_key_values`` (4.x).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = 0 if cache is None else cache.get_seq_length()
         if past == 0:
             _CopyNudged.rows = list(range(input_ids.shape[0]))
         if position_ids is None:  # no padding anywhere: positions are cache indices
             position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
-        out = super().forward(
-            input_ids=input_ids,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-            **kwargs,
-        )
+        out = super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
         width = out.logits.shape[1]
         for row, script_index in enumerate(self.rows):
             script = self.scripts[script_index]

@@ -155,6 +155,16 @@ class _Row:
         return n
 
 
+def _cache_argument(model: Any) -> str:
+    """``cache`` where the model's own ``forward`` (under any subclass wrapper) takes it, as in
+    transformers 5.x, which deprecates ``past_key_values``; else ``past_key_values``."""
+    for cls in type(model).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is not None and "cache" in inspect.signature(forward).parameters:
+            return "cache"
+    return "past_key_values"
+
+
 def copy_greedy_generate(
     model: Any,
     input_ids: torch.Tensor,
@@ -201,9 +211,7 @@ def copy_greedy_generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    # transformers 5.x names the cache argument ``cache`` (``past_key_values`` is deprecated).
-    takes_cache = "cache" in inspect.signature(model.forward).parameters
-    cache_arg = "cache" if takes_cache else "past_key_values"
+    cache_arg = _cache_argument(model)
     cache = out.past_key_values  # the same object under either name
     tokens = out.logits[:, -1].argmax(-1).tolist()
     live = list(range(batch))  # the rows still in the model's batch, in cache order
