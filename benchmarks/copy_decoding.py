@@ -100,7 +100,8 @@ def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> typ
             out = super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
             if past == 0:
                 ReplayLlama.rows = list(range(input_ids.shape[0]))
-                cache, select = out.past_key_values, out.past_key_values.batch_select_indices
+                cache = getattr(out, "cache", None) or out.past_key_values  # 5.x or 4.x name
+                select = cache.batch_select_indices
 
                 def follow(indices: torch.Tensor) -> None:
                     ReplayLlama.rows = [ReplayLlama.rows[i] for i in indices.tolist()]

@@ -212,7 +212,7 @@ def copy_greedy_generate(
         logits_to_keep=1,
     )
     cache_arg = _cache_argument(model)
-    cache = out.past_key_values  # the same object under either name
+    cache = getattr(out, cache_arg)  # the output names it as the forward does
     tokens = out.logits[:, -1].argmax(-1).tolist()
     live = list(range(batch))  # the rows still in the model's batch, in cache order
     while True:
