@@ -20,6 +20,7 @@ is, so the batch needs no per-row cache surgery.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from bisect import bisect_right
 from collections.abc import Collection, Sequence
@@ -155,10 +156,12 @@ class _Row:
         return n
 
 
-def _cache_argument(model: Any) -> str:
+@functools.cache
+def _cache_argument(model_class: type) -> str:
     """``cache`` where the model's own ``forward`` (under any subclass wrapper) takes it, as in
-    transformers 5.x, which deprecates ``past_key_values``; else ``past_key_values``."""
-    for cls in type(model).__mro__:
+    transformers 5.x, which deprecates ``past_key_values``; else ``past_key_values``. Once per
+    class: signatures are not inspected on every generation."""
+    for cls in model_class.__mro__:
         forward = cls.__dict__.get("forward")
         if forward is not None and "cache" in inspect.signature(forward).parameters:
             return "cache"
@@ -211,7 +214,7 @@ def copy_greedy_generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache_arg = _cache_argument(model)
+    cache_arg = _cache_argument(type(model))
     cache = getattr(out, cache_arg)  # the output names it as the forward does
     tokens = out.logits[:, -1].argmax(-1).tolist()
     live = list(range(batch))  # the rows still in the model's batch, in cache order
