@@ -149,6 +149,16 @@ def test_cli_trains_from_jsonl(tiny_lm_path: Path, tmp_path: Path) -> None:
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
+def test_cli_rejects_bad_settings_as_usage_errors(tiny_lm_path: Path, tmp_path: Path) -> None:
+    data = tmp_path / "qac.jsonl"
+    data.write_text(json.dumps(asdict(EXAMPLES[0])) + "\n")
+    argv = ["--data", str(data), "--model", str(tiny_lm_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(ConfigurationError, match="keep_token: String should match"):
+        run_train(*argv, "--keep-token", " ")
+    with pytest.raises(ConfigurationError, match="epochs: Input should be greater than 0"):
+        run_train(*argv, "--epochs", "-1")
+
+
 def test_bad_inputs(tiny_lm_path: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no training examples"):
         train_corrector([], str(tiny_lm_path), tmp_path / "x", progress=False)
@@ -186,6 +196,11 @@ def test_keep_token_target_is_one_token(tiny_lm_path: Path) -> None:
     )
     # Answer text that spells the token is split, never read as the token.
     assert keep_id not in tokenizer(f"say {KEEP} now", split_special_tokens=True)["input_ids"]
+    ordinary = next(t for t in tokenizer.get_vocab() if t not in tokenizer.all_special_tokens)
+    with pytest.raises(ConfigurationError, match="ordinary token"):
+        add_keep_token(tokenizer, ordinary)
+    with pytest.raises(ValueError, match="keep_token"):
+        TrainConfig(keep_token=" ")
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -8,8 +8,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from aligner_chain.errors import InputError
+from aligner_chain.errors import ConfigurationError, InputError
 
 # CLI flag -> TrainConfig field. Unset flags keep TrainConfig's (or the preset's) value.
 _OVERRIDES = {
@@ -77,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `aligner-chain --help` does not load torch.
-    from aligner_chain.training.corrector import TrainConfig, train_corrector
+    from aligner_chain.training.corrector import train_corrector
 
     overrides = {
         field: getattr(args, flag)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         if args.data or args.model:
             raise InputError("--preset mini builds its own data and model: drop --data/--model")
         preset = MiniConfig().train.model_dump()
-        config = MiniConfig(train=TrainConfig(**{**preset, **overrides}))
+        config = MiniConfig(train=_train_config({**preset, **overrides}))
         command = shlex.join(["aligner-chain", *sys.argv[1:]])
         result, report = train_mini(
             args.data_dir, args.out, config, resume=args.resume, progress=progress, command=command
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.data is None or args.model is None:
             raise InputError("--data and --model are required (or use --preset mini)")
-        config = TrainConfig(**overrides)
+        config = _train_config(overrides)
         result = train_corrector(
             read_qac(args.data),
             args.model,
@@ -123,3 +124,19 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _train_config(settings: dict[str, Any]) -> Any:
+    """``TrainConfig`` from CLI settings; an invalid value is a usage error naming the flag's
+    field, not a pydantic traceback."""
+    from pydantic import ValidationError
+
+    from aligner_chain.training.corrector import TrainConfig
+
+    try:
+        return TrainConfig(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ConfigurationError(f"invalid training setting: {problems}") from exc

@@ -81,7 +81,7 @@ class TrainConfig(BaseModel):
     """Loss weight of the EOS that ends each correction (where a copy must stop)."""
     threads: int | None = Field(default=None, ge=1)
     """torch CPU threads (``torch.set_num_threads``); None leaves torch's default."""
-    keep_token: str | None = None
+    keep_token: str | None = Field(default=None, min_length=1, pattern=r"\S")
     """Teach a one-token answer to "no change needed": examples whose correction equals the
     answer are trained to emit this special token (added to the tokenizer if missing) and EOS,
     and the saved model's config names it (``aligner_keep_token``), so
@@ -259,9 +259,17 @@ def _fingerprint(examples: Sequence[QACExample], model: str, config: TrainConfig
 
 def add_keep_token(tokenizer: Any, token: str) -> int:
     """The id of ``token`` in ``tokenizer``, added as a special token when it is missing
-    (special, so answer text that spells it is split at inference and cannot trigger it)."""
+    (special, so answer text that spells it is split at inference and cannot trigger it).
+
+    An ordinary token of the vocabulary is refused: the model would also emit it inside normal
+    text, and every such correction would turn into the unchanged answer."""
     if token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    elif token not in tokenizer.all_special_tokens:
+        raise ConfigurationError(
+            f"keep token {token!r} is an ordinary token of this tokenizer; pick a string it does "
+            "not have (e.g. '<|keep|>')"
+        )
     return tokenizer.convert_tokens_to_ids(token)
 
 
