@@ -73,7 +73,7 @@ def main() -> None:
     pair = candidates[found["first_rewritten"] or 0]
     prepared = plain._prepare(pair)
     inputs = plain._inputs([prepared])
-    kwargs = plain._generate_kwargs(prepared.max_new_tokens)
+    kwargs = plain._generate_kwargs(prepared.max_new_tokens, inputs["input_ids"].shape[1])
     model = plain.loaded.model
     value = {"question": pair.question, "answer": pair.answer}
 

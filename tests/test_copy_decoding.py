@@ -233,7 +233,8 @@ def _batched_reference(
 ) -> list[list[int]]:
     """Plain batched greedy ``generate``, each row cut at its first stop token or budget."""
     with torch.inference_mode():
-        out = model.generate(**inputs, **corrector._generate_kwargs(max(budgets)))
+        width = inputs["input_ids"].shape[1]
+        out = model.generate(**inputs, **corrector._generate_kwargs(max(budgets), width))
     rows = []
     for row, budget in zip(out[:, inputs["input_ids"].shape[1] :].tolist(), budgets):
         row = row[:budget]

@@ -151,7 +151,7 @@ def test_missing_model_path_is_clear(tmp_path) -> None:
 
 def test_paper_preset_samples(tiny_lm_path) -> None:
     paper = TransformersCorrector(str(tiny_lm_path), generation="paper")
-    kwargs = paper._generate_kwargs(10)
+    kwargs = paper._generate_kwargs(10, 5)
     assert kwargs["do_sample"] and kwargs["temperature"] == 0.3 and kwargs["top_k"] == 10
     assert paper.correct([PAIRS[1]])[0].model_id == str(tiny_lm_path)
     with pytest.raises(ConfigurationError):
@@ -191,3 +191,62 @@ def test_a_correction_encodes_its_prompt_once(
     calls.clear()
     corrector.correct([PAIRS[2]])
     assert len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def keep_lm_path(tiny_lm_path, tmp_path_factory) -> str:
+    """The tiny Llama with an (untrained) keep token added, saved and named in its config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligner_chain.training.corrector import add_keep_token
+
+    out = tmp_path_factory.mktemp("keep-lm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    add_keep_token(tokenizer, "<|keep|>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.aligner_keep_token = "<|keep|>"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("copy_drafts", [True, False])
+def test_keep_bias_moves_the_keep_decision_by_its_margin(keep_lm_path, copy_drafts) -> None:
+    """An answer is kept exactly when its keep margin plus ``keep_bias`` is above 0, with copy
+    drafts or ``generate``, in batches and streams; other rows decode as without the bias."""
+    settings = GenerationSettings(copy_drafts=copy_drafts, max_new_tokens_cap=8)
+    base = TransformersCorrector(keep_lm_path, generation=settings, batching=False)
+    margins = base.keep_margins(PAIRS)
+    assert base.keep_bias == 0.0 and all(m < 0 for m in margins)  # untrained: never kept
+    low, mid = sorted(margins)[:2]  # the lowest stays rewritten, the rest are kept
+    biased = TransformersCorrector(
+        keep_lm_path, generation=settings, batching=False, keep_bias=-(low + mid) / 2
+    )
+    out = biased.correct(PAIRS)
+    for pair, margin, correction, plain in zip(PAIRS, margins, out, base.correct(PAIRS)):
+        kept = margin + biased.keep_bias > 0
+        assert bool(correction.info.get("kept")) is kept
+        assert correction.text == (pair.answer if kept else plain.text)
+    first = PAIRS[margins.index(mid)]
+    *deltas, final = biased.stream_correction(first)
+    assert "".join(deltas) == first.answer and final.info["kept"]
+
+
+def test_keep_bias_from_config_and_bad_values(keep_lm_path, tiny_lm_path, tmp_path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "biased"
+    shutil.copytree(keep_lm_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "aligner_keep_bias": 1e4}))
+    corrector = TransformersCorrector(str(folder), batching=False)
+    assert corrector.keep_bias == 1e4 and all(c.info["kept"] for c in corrector.correct(PAIRS))
+    assert TransformersCorrector(str(folder), keep_bias=0).keep_bias == 0.0  # argument wins
+    with pytest.raises(ConfigurationError, match="finite"):
+        TransformersCorrector(keep_lm_path, keep_bias=float("nan"))
+    with pytest.raises(ConfigurationError, match="keep token"):
+        TransformersCorrector(str(tiny_lm_path), keep_bias=1.0)
+    with pytest.raises(ConfigurationError, match="no keep token"):
+        TransformersCorrector(str(tiny_lm_path)).keep_margins(PAIRS)

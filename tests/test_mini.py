@@ -12,13 +12,20 @@ from aligner_chain import ModelLoadError, QAPair, TransformersCorrector
 from aligner_chain.commands import train
 from aligner_chain.correctors import mini
 from aligner_chain.errors import InputError
+from aligner_chain.training.data import QACExample
 from aligner_chain.training.mini import (
+    DEMO_HARMFUL,
+    DEMO_SAFE,
     KEEP_TOKEN,
     MAX_CHARS,
     MAX_QUESTION_CHARS,
     MiniConfig,
+    MiniMix,
+    _correct_all,
+    _flagged,
     build_backbone,
     build_mini_mix,
+    choose_keep_bias,
     training_examples,
     write_model_card,
 )
@@ -38,6 +45,10 @@ def test_mix_pairs_harmful_to_safe_and_holds_questions_out(shared_data: Path) ->
     seen = {e.question for e in mix.train}
     assert not [e for e in mix.safe_eval + mix.harmful_eval if e.question in seen]
     assert len(mix.safe_eval) == len(mix.harmful_eval) == 200
+    # Validation pairs (they choose the keep bias): unseen too, and apart from the held-out ones.
+    assert len(mix.safe_val) == len(mix.harmful_val) == 400
+    assert not {e.question for e in mix.safe_val + mix.harmful_val} & seen
+    assert not set(mix.safe_val + mix.harmful_val) & set(mix.safe_eval + mix.harmful_eval)
     # The held-out sample does not move when the training mix is drawn differently.
     other = build_mini_mix(shared_data, MiniConfig(copies_per_correction=1.0))
     assert (other.safe_eval, other.harmful_eval) == (mix.safe_eval, mix.harmful_eval)
@@ -107,3 +118,37 @@ def test_model_card_states_the_measured_figures(tmp_path: Path) -> None:
     card = write_model_card(out, report).read_text()
     assert "91.5 % of 200" in card and "75.0 %" in card and "30 min wall-clock" in card
     assert "--preset mini" in card and f"`{KEEP_TOKEN}`" in card and "it meets both" in card
+
+
+def test_keep_bias_chosen_on_validation_pairs_is_what_the_corrector_does(tmp_path: Path) -> None:
+    """The rates ``choose_keep_bias`` reports for its bias (computed from margins, not by
+    decoding with it) are those of a corrector loaded afresh from the folder it wrote."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligner_chain.loading import clear_cache
+    from aligner_chain.training.corrector import add_keep_token
+
+    out = build_backbone(["Hello, World! I can't help with that."] * 20, tmp_path / "m", TINY)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    add_keep_token(tokenizer, KEEP_TOKEN)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.aligner_keep_token = KEEP_TOKEN
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    safe = [*DEMO_SAFE, QACExample("Hi!", "Hello, World!", "")]
+    harmful = [*DEMO_HARMFUL, QACExample("Hurt him?", "Hit him hard with a bat.", "")]
+    mix = MiniMix([], [], [], safe, harmful)
+    choice = choose_keep_bias(out, mix)
+    assert json.loads((out / "config.json").read_text())["aligner_keep_bias"] == choice["keep_bias"]
+    clear_cache()
+    corrector = TransformersCorrector(str(out), template=mini.TEMPLATE, batching=False)
+    assert corrector.keep_bias == choice["keep_bias"]
+    copied = [o == e.answer for o, e in zip(_correct_all(corrector, safe), safe)]
+    assert choice["val_safe_kept"] == sum(copied) / len(safe)
+    after = _flagged([(e.question, o) for e, o in zip(harmful, _correct_all(corrector, harmful))])
+    assert choice["val_harmful_unflagged"] == sum(not f for f in after) / len(harmful)
+    with pytest.raises(ValueError, match="both labels"):
+        choose_keep_bias(out, MiniMix([], [], [], safe, []))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 from bisect import bisect_right
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -177,6 +177,7 @@ def copy_greedy_generate(
     eos_ids: Collection[int],
     pad_token_id: int = 0,
     streamer: Any = None,
+    first_token_bias: Mapping[int, float] | None = None,
 ) -> tuple[list[list[int]], DraftStats]:
     """Greedy decoding of a (left-padded) batch with copy drafts, each row from its own input.
 
@@ -189,7 +190,8 @@ def copy_greedy_generate(
     in the KV cache masked out (``attention_mask`` 0, ``position_ids`` counting only kept
     tokens, as with left padding); the tail that no row kept is cropped, and finished rows
     leave the batch. A single unpadded row never has masked positions, so it runs without a
-    mask. ``streamer`` receives the tokens of a single row.
+    mask. ``streamer`` receives the tokens of a single row. ``first_token_bias`` adds offsets to
+    some tokens' logits at the first step only (as a logits processor would in ``generate``).
     """
     batch = input_ids.shape[0]
     if streamer is not None and batch != 1:
@@ -216,7 +218,13 @@ def copy_greedy_generate(
     )
     cache_arg = _cache_argument(type(model))
     cache = getattr(out, cache_arg)  # the output names it as the forward does
-    tokens = out.logits[:, -1].argmax(-1).tolist()
+    first = out.logits[:, -1]
+    if first_token_bias:
+        first = first.clone()
+        first[:, list(first_token_bias)] += torch.tensor(
+            list(first_token_bias.values()), dtype=first.dtype, device=device
+        )
+    tokens = first.argmax(-1).tolist()
     live = list(range(batch))  # the rows still in the model's batch, in cache order
     while True:
         for i, token in zip(live, tokens):

@@ -10,7 +10,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TextIteratorStreamer,
+)
 
 from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
@@ -127,6 +132,9 @@ class TransformersCorrector(PromptPreparation, Corrector):
     :class:`~aligner_chain.training.corrector.TrainConfig`) may answer "no change needed" with
     that one token: the correction is then the original answer exactly (even when the prompt was
     truncated), with ``info["kept"] = True``. The token stops generation wherever it appears.
+    ``keep_bias`` is added to that token's logit at the first step: above 0 the model keeps more
+    answers, below 0 it rewrites more. It defaults to the config's ``aligner_keep_bias`` (set by
+    the mini preset from a validation split, see :meth:`keep_margins`), else 0.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
         max_context_tokens: int | None = None,
         model_id: str | None = None,
         batching: BatchingConfig | bool = True,
+        keep_bias: float | None = None,
     ) -> None:
         self.template = PromptTemplate.resolve(template)
         self.generation = GenerationSettings.resolve(generation)
@@ -158,6 +167,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
         self._eos_ids = _eos_ids(self.loaded.model, tok)
         self._keep_id = _keep_id(self.loaded.model, tok, model)
         self._stop_ids = self._eos_ids | ({self._keep_id} if self._keep_id is not None else set())
+        self.keep_bias = _keep_bias(self.loaded.model, self._keep_id, keep_bias, model)
         self._overhead = len(self._encode(self.template.format("", "")))
         model = self.loaded.model
         wanted = self.generation.copy_drafts
@@ -180,14 +190,46 @@ class TransformersCorrector(PromptPreparation, Corrector):
             "attention_mask": torch.tensor(mask, device=device),
         }
 
-    def _generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
+    @property
+    def _first_token_bias(self) -> dict[int, float] | None:
+        """Logit offsets for the first generated token: the keep token's bias, if any."""
+        if self._keep_id is None or not self.keep_bias:
+            return None
+        return {self._keep_id: self.keep_bias}
+
+    def _generate_kwargs(self, max_new_tokens: int, prompt_width: int) -> dict[str, Any]:
         tok = self.loaded.tokenizer
-        return {
+        kwargs = {
             "max_new_tokens": max_new_tokens,
             "pad_token_id": tok.pad_token_id,
             "eos_token_id": sorted(self._stop_ids),
             **self.generation.generate_kwargs(),
         }
+        if self._first_token_bias:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_FirstTokenBias(prompt_width, self._first_token_bias)]
+            )
+        return kwargs
+
+    def keep_margins(self, pairs: Sequence[QAPair]) -> list[float]:
+        """For each pair, the keep token's logit minus the best other token's at the first step
+        (without ``keep_bias``): under greedy decoding an answer is kept exactly when its margin
+        plus ``keep_bias`` is above 0. For choosing ``keep_bias`` on labelled pairs."""
+        if self._keep_id is None:
+            raise ConfigurationError(f"{self.model_id}: the model has no keep token")
+        margins: list[float] = []
+        for start in range(0, len(pairs), 16):
+            prepared = [self._prepare(p) for p in pairs[start : start + 16]]
+            with torch.inference_mode():
+                logits = (
+                    self.loaded.model(**self._inputs(prepared), logits_to_keep=1)
+                    .logits[:, -1]
+                    .float()
+                )
+                keep = logits[:, self._keep_id]
+                others = logits.index_fill(1, torch.tensor([self._keep_id]), -math.inf)
+                margins += (keep - others.max(-1).values).tolist()
+        return margins
 
     def _finish(self, tokens: list[int], prepared: PreparedPrompt, pair: QAPair) -> Correction:
         if self._keep_id is not None and tokens[:1] == [self._keep_id]:
@@ -234,12 +276,13 @@ class TransformersCorrector(PromptPreparation, Corrector):
                     eos_ids=self._stop_ids,
                     pad_token_id=self.loaded.tokenizer.pad_token_id,
                     streamer=streamer,
+                    first_token_bias=self._first_token_bias,
                 )
                 return rows
+            start = inputs["input_ids"].shape[1]
             output = model.generate(
-                **inputs, streamer=streamer, **self._generate_kwargs(max(budgets))
+                **inputs, streamer=streamer, **self._generate_kwargs(max(budgets), start)
             )
-        start = inputs["input_ids"].shape[1]
         return [row[start:].tolist() for row in output]
 
     def _correct_batch(self, pairs: list[QAPair]) -> list[Correction]:
@@ -291,6 +334,34 @@ def _keep_id(model: Any, tokenizer: Any, source: str) -> int | None:
             f"{source}: config.json names the keep token {token!r}, which its tokenizer lacks"
         )
     return found
+
+
+def _keep_bias(model: Any, keep_id: int | None, given: float | None, source: str) -> float:
+    """The keep token's first-step logit offset: as given, else the config's, else 0."""
+    bias = getattr(model.config, "aligner_keep_bias", None) if given is None else given
+    if bias is None:
+        return 0.0
+    if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+        raise ConfigurationError(f"{source}: keep_bias must be a finite number, got {bias!r}")
+    if bias and keep_id is None:
+        raise ConfigurationError(f"{source}: keep_bias needs a model trained with a keep token")
+    return float(bias)
+
+
+class _FirstTokenBias(LogitsProcessor):
+    """Adds fixed offsets to some tokens' scores at the first generated position only."""
+
+    def __init__(self, prompt_width: int, bias: dict[int, float]) -> None:
+        self.prompt_width = prompt_width
+        self.tokens = torch.tensor(list(bias))
+        self.offsets = torch.tensor(list(bias.values()))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_width:
+            return scores
+        scores = scores.clone()
+        scores[:, self.tokens.to(scores.device)] += self.offsets.to(scores.device, scores.dtype)
+        return scores
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
