@@ -15,7 +15,7 @@ from aligner_chain.classifiers.embedded import (
 from aligner_chain.cli import main
 from aligner_chain.errors import ConfigurationError, InputError, ModelLoadError
 from aligner_chain.routing import RoutingPolicy
-from aligner_chain.training.train_classifier import FPR_TARGET, choose_bands
+from aligner_chain.training.train_classifier import FPR_TARGET, choose_bands, wilson_upper
 from aligner_chain.types import QAPair
 
 # (harmful question, refusal, compliance): the compliance texts are short and non-operational.
@@ -159,6 +159,17 @@ def test_tiny_training_run_produces_a_loadable_classifier(
     assert config["metrics"]["test"]["sources"]["safe_rlhf_mini"]["n"] == 3
     (verdict,) = EmbeddedClassifier(out).classify([BENIGN_KILL])
     assert 0.0 <= verdict.score <= 1.0
+    # --recalibrate redoes calibration, bands and report on the stored settings, weights kept.
+    weights = (out / "classifier.safetensors").read_bytes()
+    config["metrics"]["minutes"] = 99.0  # the training time is kept, not remeasured
+    (out / "classifier.json").write_text(json.dumps({**config, "bands": {}}))
+    args = ["train-classifier", "--data-dir", str(shared_data), "--out", str(out)]
+    assert main([*args, "--recalibrate"]) == 0
+    again = json.loads((out / "classifier.json").read_text())
+    assert (out / "classifier.safetensors").read_bytes() == weights
+    assert again["bands"] == config["bands"] and again["calibration"] == config["calibration"]
+    assert again["metrics"]["minutes"] == 99.0
+    assert main([*args, "--recalibrate", "--epochs", "3"]) == 2
 
 
 def test_training_rejects_a_folder_without_the_shared_data(tmp_path: Path) -> None:
@@ -166,19 +177,30 @@ def test_training_rejects_a_folder_without_the_shared_data(tmp_path: Path) -> No
     assert code == 2
 
 
+def test_wilson_upper_limit() -> None:
+    assert wilson_upper(0, 100) == pytest.approx(1.645**2 / (100 + 1.645**2))
+    assert wilson_upper(56, 1394) == pytest.approx(0.0498, abs=1e-4)
+    assert wilson_upper(5, 5) == pytest.approx(1.0) and wilson_upper(0, 0) == 1.0
+
+
 def test_decision_threshold_maximises_accuracy_within_the_fpr_target() -> None:
-    # 40 harmless answers with scores 0.00..0.39, 20 harmful ones at 0.30..0.49 (overlap 0.30-0.39)
-    probs = [i / 100 for i in range(40)] + [0.30 + i / 100 for i in range(20)]
-    labels = [0] * 40 + [1] * 20
-    bands = choose_bands(probs, labels)
-    t = bands["correct_at"]
-    fpr = sum(1 for p, y in zip(probs, labels) if p >= t and y == 0) / 40
-    assert fpr <= FPR_TARGET
-    # correct_at: the most accurate threshold within the FPR target; ties go to the lowest
-    accuracy = {
-        c: sum(1 for p, y in zip(probs, labels) if (p >= c) == (y == 1)) / 60
+    """correct_at: the most accurate threshold whose validation FPR is within the target at its
+    upper confidence limit (so the plain rate has a margin); ties go to the lowest."""
+    # 2,000 harmless answers scored 0.0000..0.3998, 400 harmful at 0.3000..0.4995
+    probs = [i / 5000 for i in range(2000)] + [0.30 + i / 2000 for i in range(400)]
+    labels = [0] * 2000 + [1] * 400
+    t = choose_bands(probs, labels)["correct_at"]
+
+    def counts(c: float) -> tuple[int, float]:
+        fp = sum(1 for p, y in zip(probs, labels) if p >= c and y == 0)
+        correct = sum(1 for p, y in zip(probs, labels) if (p >= c) == (y == 1))
+        return fp, correct / len(labels)
+
+    allowed = {
+        c: counts(c)[1]
         for c in sorted(set(probs))
-        if sum(1 for p, y in zip(probs, labels) if p >= c and y == 0) / 40 <= FPR_TARGET
+        if wilson_upper(counts(c)[0], 2000) <= FPR_TARGET
     }
-    assert accuracy[t] == max(accuracy.values())
-    assert t == min(c for c, a in accuracy.items() if a == accuracy[t])
+    assert counts(t)[0] / 2000 < FPR_TARGET - 0.005  # the margin the confidence limit leaves
+    assert allowed[t] == max(allowed.values())
+    assert t == min(c for c, a in allowed.items() if a == allowed[t])

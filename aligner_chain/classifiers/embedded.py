@@ -201,6 +201,11 @@ def save_classifier(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.trainable_state().items()}
     save_file(state, str(out / WEIGHTS_FILE))
+    write_classifier_config(out, config)
+
+
+def write_classifier_config(out: Path, config: dict[str, Any]) -> None:
+    """Write (or rewrite, e.g. after recalibration) the config beside the weights."""
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

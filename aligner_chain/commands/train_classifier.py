@@ -7,6 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from aligner_chain.errors import InputError
 from aligner_chain.training.train_classifier import TrainSettings
 
 
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + _describe(defaults.source_weights)
         + "the train_weight in classifier_data.SOURCES",
     )
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="keep the weights already in --out (a finished run, or the shipped folder) and "
+        "redo only calibration, bands and the held-out report, with the settings stored there",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -63,16 +70,24 @@ def _source_weight(text: str) -> tuple[str, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from aligner_chain.training.train_classifier import run
+    from aligner_chain.training.train_classifier import recalibrate, run
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
-    if args.source_weights is not None:
-        overrides["source_weights"] = {
-            **TrainSettings().source_weights,
-            **dict(args.source_weights),
-        }
-    settings = TrainSettings(**{k: v for k, v in overrides.items() if v is not None})
-    config = run(args.data_dir, args.out, settings, args.base_model)
-    summary = {"bands": config["bands"], "metrics": config["metrics"]}
-    print(json.dumps(summary, indent=2))
+    if args.recalibrate:
+        given = [f.name for f in fields(TrainSettings) if getattr(args, f.name) is not None]
+        if given:
+            raise InputError(
+                "--recalibrate uses the settings stored in --out; drop "
+                + ", ".join("--" + name.replace("_", "-") for name in given)
+            )
+        config = recalibrate(args.data_dir, args.out, args.base_model)
+    else:
+        overrides = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
+        if args.source_weights is not None:
+            overrides["source_weights"] = {
+                **TrainSettings().source_weights,
+                **dict(args.source_weights),
+            }
+        settings = TrainSettings(**{k: v for k, v in overrides.items() if v is not None})
+        config = run(args.data_dir, args.out, settings, args.base_model)
+    print(json.dumps({"bands": config["bands"], "metrics": config["metrics"]}, indent=2))
     return 0

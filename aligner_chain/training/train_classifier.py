@@ -11,6 +11,7 @@ are read off the same split. Every source is then scored on its held-out test sp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -26,6 +27,7 @@ from torch import nn
 from aligner_chain.classifiers.embedded import (
     BASE_HUB_ID,
     CATEGORIES,
+    CONFIG_FILE,
     EmbeddedClassifier,
     HarmModel,
     PairEncoder,
@@ -34,6 +36,7 @@ from aligner_chain.classifiers.embedded import (
     embedding_fingerprint,
     load_base,
     save_classifier,
+    write_classifier_config,
 )
 from aligner_chain.errors import ConfigurationError
 from aligner_chain.training.classifier_data import SOURCES, Example, Mix, build_mix
@@ -42,7 +45,11 @@ from aligner_chain.types import QAPair
 logger = logging.getLogger(__name__)
 
 FPR_TARGET = 0.05
-"""correct_at keeps the validation false-positive rate on harmless answers within this."""
+"""correct_at keeps the false-positive rate on harmless answers within this, with confidence."""
+FPR_CONFIDENCE_Z = 1.645
+"""One-sided 95 %: correct_at bounds the *upper* Wilson limit of the validation FPR, so that
+the target holds on unseen data too, not just on the validation sample (the plain validation
+rate, 4.89 % for the third-round weights, came out at 5.55 % on the test splits)."""
 PRECISION_REASK, PRECISION_REFUSE = 0.95, 0.99
 """reask_at / refuse_at are the lowest scores whose validation precision reaches these."""
 
@@ -239,21 +246,23 @@ def choose_bands(probs: Sequence[float], labels: Sequence[int]) -> dict[str, flo
     """Bands from validation scores: the decision threshold correct_at, precision bands above it.
 
     ``correct_at`` is the threshold with the highest validation accuracy among those whose
-    validation false-positive rate is within :data:`FPR_TARGET` (ties: the lowest such
-    threshold, i.e. the higher recall). Thresholds are scanned from the top score down, so each
-    candidate's counts are cumulative. A precision band needs at least 20 flagged pairs.
+    validation false-positive rate is within :data:`FPR_TARGET` at its one-sided 95 % upper
+    Wilson limit (ties: the lowest such threshold, i.e. the higher recall). Thresholds are
+    scanned from the top score down, so each candidate's counts are cumulative. A precision
+    band needs at least 20 flagged pairs.
     """
     pos = sum(labels)
     neg = max(1, len(labels) - pos)
     ranked = sorted(zip(probs, labels, strict=True), reverse=True)
-    # (threshold, fpr, precision, accuracy), descending thresholds
+    # (threshold, fpr upper limit, precision, accuracy), descending thresholds
     stats: list[tuple[float, float, float, float]] = []
     tp = fp = 0
     for k, (p, y) in enumerate(ranked):
         tp, fp = tp + y, fp + (1 - y)
         if k + 1 == len(ranked) or ranked[k + 1][0] != p:
             precision = tp / (tp + fp) if tp + fp >= 20 else 0.0
-            stats.append((p, fp / neg, precision, (tp + neg - fp) / max(1, len(labels))))
+            accuracy = (tp + neg - fp) / max(1, len(labels))
+            stats.append((p, wilson_upper(fp, neg), precision, accuracy))
     ascending = stats[::-1]
     allowed = [(acc, -t) for t, f, _, acc in ascending if f <= FPR_TARGET]
     correct_at = -max(allowed)[1] if allowed else 1.0
@@ -263,6 +272,16 @@ def choose_bands(probs: Sequence[float], labels: Sequence[int]) -> dict[str, flo
     if reask_at is not None and refuse_at is not None:
         refuse_at = max(refuse_at, reask_at)
     return {"correct_at": _r(correct_at), "reask_at": _r(reask_at), "refuse_at": _r(refuse_at)}
+
+
+def wilson_upper(k: int, n: int, z: float = FPR_CONFIDENCE_Z) -> float:
+    """Upper Wilson score limit of a rate of ``k`` in ``n`` (one-sided at ``z``)."""
+    if n <= 0:
+        return 1.0
+    rate, spread = k / n, z * z / n
+    centre = rate + spread / 2
+    half = z * math.sqrt(rate * (1 - rate) / n + spread / (4 * n))
+    return min(1.0, (centre + half) / (1 + spread))
 
 
 def _r(x: float | None, digits: int = 3) -> float | None:
@@ -358,12 +377,7 @@ def calibrate(clf: EmbeddedClassifier, mix: Mix) -> dict[str, Any]:
     }
 
 
-def run(
-    data_dir: Path, out: Path, settings: TrainSettings, base_model: str | None = None
-) -> dict[str, Any]:
-    """The whole recipe: data mix, training, calibration, bands, held-out evaluation."""
-    settings.check()
-    started = time.monotonic()
+def _mix(data_dir: Path, settings: TrainSettings) -> Mix:
     mix = build_mix(
         data_dir,
         seed=settings.seed,
@@ -372,6 +386,16 @@ def run(
         train_weights=settings.source_weights,
     )
     logger.info("mix: %d train, %d val, %d test", len(mix.train), len(mix.val), len(mix.test))
+    return mix
+
+
+def run(
+    data_dir: Path, out: Path, settings: TrainSettings, base_model: str | None = None
+) -> dict[str, Any]:
+    """The whole recipe: data mix, training, calibration, bands, held-out evaluation."""
+    settings.check()
+    started = time.monotonic()
+    mix = _mix(data_dir, settings)
     model, pair_encoder = train_model(mix, settings, base_model)
     config: dict[str, Any] = {
         "format": 1,
@@ -390,11 +414,38 @@ def run(
         },
     }
     save_classifier(out, model, config)
+    return _calibrate_and_evaluate(out, config, mix, base_model, started)
+
+
+def recalibrate(data_dir: Path, out: Path, base_model: str | None = None) -> dict[str, Any]:
+    """Calibration, bands and held-out evaluation again for the weights already in ``out`` (a
+    finished run, or the shipped folder), on the data mix of its stored settings: for when the
+    rule that chooses the bands changes. The weights are not touched; the stored training time
+    is kept."""
+    path = out / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+        settings = TrainSettings(**config["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{path}: not the config of a trained classifier ({exc})") from exc
+    settings.check()
+    minutes = config.get("metrics", {}).get("minutes")
+    config = _calibrate_and_evaluate(out, config, _mix(data_dir, settings), base_model, None)
+    config["metrics"]["minutes"] = minutes
+    write_classifier_config(out, config)
+    return config
+
+
+def _calibrate_and_evaluate(
+    out: Path, config: dict[str, Any], mix: Mix, base_model: str | None, started: float | None
+) -> dict[str, Any]:
+    """Platt scaling and bands from the validation split, then the test-split report, all
+    written into the folder's config."""
     cal = calibrate(EmbeddedClassifier(out, base_model=base_model, calibrated=False), mix)
     config.update(
         calibration={"harm": cal["harm"], "categories": cal["categories"]}, bands=cal["bands"]
     )
-    save_classifier(out, model, config)
+    write_classifier_config(out, config)
     report = evaluate(
         EmbeddedClassifier(out, base_model=base_model), mix, cal["bands"]["correct_at"] or 1.0
     )
@@ -402,7 +453,7 @@ def run(
         "val_ece": cal["val_ece"],
         "val_ece_uncalibrated": cal["val_ece_uncalibrated"],
         "test": report,
-        "minutes": round((time.monotonic() - started) / 60, 1),
+        "minutes": None if started is None else round((time.monotonic() - started) / 60, 1),
     }
-    save_classifier(out, model, config)
+    write_classifier_config(out, config)
     return config
