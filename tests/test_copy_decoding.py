@@ -12,10 +12,11 @@ from transformers import DynamicCache, LlamaForCausalLM
 from aligner_chain import QAPair, TransformersCorrector
 from aligner_chain.correctors.copy_decoding import (
     CopyDrafter,
+    PromptPrefix,
     copy_greedy_generate,
     supports_copy_drafts,
 )
-from aligner_chain.correctors.transformers import GenerationSettings
+from aligner_chain.correctors.transformers import MIN_PREFIX_TOKENS, GenerationSettings
 
 COPY_HEAVY = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 4
 PAIRS = [
@@ -168,12 +169,13 @@ class _CopyNudged(LlamaForCausalLM):
     prompt_lens: ClassVar[list[int]] = []
     rows: ClassVar[list[int]] = []
     bias: ClassVar[float] = 0.0
+    head: ClassVar[int] = 0  # tokens of a cached prompt head: the prefill starts after them
 
     def forward(self, input_ids: Any = None, position_ids: Any = None, **kwargs: Any) -> Any:
         # The cache arrives as ``cache`` (transformers 5.x) or ``past_key_values`` (4.x).
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = 0 if cache is None else cache.get_seq_length()
-        if past == 0:
+        if past <= self.head:
             _CopyNudged.rows = list(range(input_ids.shape[0]))
         if position_ids is None:  # no padding anywhere: positions are cache indices
             position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
@@ -195,6 +197,7 @@ def _nudged(
     model = _CopyNudged.from_pretrained(tiny_lm_path).eval()
     _CopyNudged.scripts = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
     _CopyNudged.prompt_lens = [len(row) for row in ids]
+    _CopyNudged.head = 0
     select = DynamicCache.batch_select_indices
 
     def follow(cache: DynamicCache, indices: torch.Tensor) -> None:
@@ -244,7 +247,11 @@ def _batched_reference(
 
 
 def _batched_copy(
-    corrector: TransformersCorrector, model: Any, inputs: dict[str, torch.Tensor], budgets: Any
+    corrector: TransformersCorrector,
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    budgets: Any,
+    prefix: PromptPrefix | None = None,
 ) -> tuple[list[list[int]], Any]:
     with torch.inference_mode():
         return copy_greedy_generate(
@@ -254,25 +261,58 @@ def _batched_copy(
             max_new_tokens=budgets,
             eos_ids=corrector._eos_ids,
             pad_token_id=corrector.loaded.tokenizer.pad_token_id,
+            prefix=prefix,
         )
 
 
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["full-prefill", "template-head"])
 @pytest.mark.parametrize("budgets", [[1] * 4, [2] * 4, [7] * 4, [96] * 4, [5, 96, 1, 40]])
 def test_batched_tokens_equal_plain_batched_generate(
-    copying: TransformersCorrector, budgets: list[int]
+    copying: TransformersCorrector, budgets: list[int], with_prefix: bool
 ) -> None:
-    """Rows of different lengths (left-padded), the same or different budgets."""
+    """Rows of different lengths (left-padded), the same or different budgets; with the
+    template head's cache, the padding sits between head and row."""
     inputs = copying._inputs([copying._prepare(p) for p in PAIRS])
     assert len(set(inputs["attention_mask"].sum(1).tolist())) == len(PAIRS)
     model = copying.loaded.model
-    rows, stats = _batched_copy(copying, model, inputs, budgets)
+    prefix = copying._prefix if with_prefix else None
+    rows, stats = _batched_copy(copying, model, inputs, budgets, prefix)
     assert rows == _batched_reference(copying, model, inputs, budgets)
     assert stats.forward_passes <= max(budgets)
 
 
+def test_template_head_is_cached_once_and_skipped_when_a_row_lacks_it(
+    copying: TransformersCorrector,
+) -> None:
+    prefix = copying._prefix
+    assert prefix is not None and len(prefix.ids) >= MIN_PREFIX_TOKENS
+    prepared = [copying._prepare(p) for p in PAIRS]
+    assert all(p.ids[: len(prefix.ids)] == list(prefix.ids) for p in prepared)
+    inputs = copying._inputs(prepared)
+    mask = inputs["attention_mask"]
+    ids, full, cache = prefix.split(inputs["input_ids"], mask, 0)
+    assert (
+        cache.get_seq_length() == len(prefix.ids)
+        and full.shape[1] == len(prefix.ids) + ids.shape[1]
+    )
+    assert full.sum(1).tolist() == mask.sum(1).tolist()  # every token kept, head once
+    # A prompt that does not start with the head: the batch is prefilled whole, same tokens.
+    odd = {k: v.clone() for k, v in inputs.items()}
+    odd["input_ids"][0, -len(prepared[0].ids)] += 1
+    assert prefix.split(odd["input_ids"], mask, 0) is None
+    rows, _ = _batched_copy(copying, copying.loaded.model, odd, [7] * 4, prefix)
+    assert rows == _batched_reference(copying, copying.loaded.model, odd, [7] * 4)
+    # One unpadded row (no mask needed) through the corrector, which uses the head's cache.
+    single = copying._inputs(prepared[1:2])
+    assert copying._generate(single, [40]) == _batched_reference(
+        copying, copying.loaded.model, single, [40]
+    )
+
+
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["full-prefill", "template-head"])
 @pytest.mark.parametrize("bias", [20.0, 40.0])
 def test_batched_copy_heavy_rows_accept_different_amounts(
-    copying: TransformersCorrector, tiny_lm_path, monkeypatch, bias: float
+    copying: TransformersCorrector, tiny_lm_path, monkeypatch, bias: float, with_prefix: bool
 ) -> None:
     """Copy-nudged rows of different lengths: drafts are accepted unevenly across rows, so
     rejected positions stay masked in the cache and positions must skip them."""
@@ -282,7 +322,9 @@ def test_batched_copy_heavy_rows_accept_different_amounts(
     tok = copying.loaded.tokenizer
     model = _nudged(tiny_lm_path, tok, answers, [p.ids for p in prepared], monkeypatch)
     _CopyNudged.bias = bias
-    rows, stats = _batched_copy(copying, model, inputs, [80] * len(PAIRS))
+    prefix = PromptPrefix.build(model, copying._prefix.ids) if with_prefix else None
+    _CopyNudged.head = len(prefix.ids) if prefix else 0
+    rows, stats = _batched_copy(copying, model, inputs, [80] * len(PAIRS), prefix)
     assert rows == _batched_reference(copying, model, inputs, [80] * len(PAIRS))
     assert stats.accepted >= 80 and stats.forward_passes < 60
 

@@ -29,6 +29,7 @@ from itertools import chain
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 MAX_NGRAM = 3  # longest trailing n-gram looked up (longer matches are tried first)
 MIN_DRAFT = 2  # draft length after a partial match, and the first one
@@ -156,6 +157,53 @@ class _Row:
         return n
 
 
+@dataclass(frozen=True)
+class PromptPrefix:
+    """Token ids that every prompt starts with (a template's constant head) and their KV cache,
+    computed once: a prompt that starts with them skips that part of its prefill. The head's
+    keys and values do not depend on what follows it (causal attention), so the tokens picked
+    are those of a full prefill, up to float rounding of the different shapes."""
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Each layer's keys and values for a batch of one."""
+
+    @classmethod
+    def build(cls, model: Any, ids: Sequence[int]) -> PromptPrefix:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True)
+        cache = getattr(out, _cache_argument(type(model)))
+        return cls(tuple(ids), tuple((layer.keys, layer.values) for layer in cache.layers))
+
+    def split(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """For a left-padded batch whose rows all start with the prefix: the rows without it
+        (left-padded again), the mask over prefix + padding + rows, and a fresh copy of the
+        prefix cache for the batch; ``None`` if some row does not start with the prefix."""
+        n = len(self.ids)
+        head = torch.tensor(self.ids, device=input_ids.device)
+        rests = []
+        for ids, keep in zip(input_ids, mask):
+            kept = ids[keep.bool()]
+            if kept.shape[0] <= n or not torch.equal(kept[:n], head):
+                return None
+            rests.append(kept[n:])
+        width = max(r.shape[0] for r in rests)
+        ids = input_ids.new_full((len(rests), width), pad_token_id)
+        full = mask.new_zeros((len(rests), n + width))
+        full[:, :n] = 1
+        for i, rest in enumerate(rests):
+            ids[i, width - rest.shape[0] :] = rest
+            full[i, n + width - rest.shape[0] :] = 1
+        # The cache replaces its tensors as it grows, crops or drops rows, never writing into
+        # them, so every batch can start from views of the same prefix tensors.
+        batch = len(rests)
+        views = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
+        return ids, full, DynamicCache(ddp_cache_data=views)
+
+
 @functools.cache
 def _cache_argument(model_class: type) -> str:
     """``cache`` where the model's own ``forward`` (under any subclass wrapper) takes it, as in
@@ -178,6 +226,7 @@ def copy_greedy_generate(
     pad_token_id: int = 0,
     streamer: Any = None,
     first_token_bias: Mapping[int, float] | None = None,
+    prefix: PromptPrefix | None = None,
 ) -> tuple[list[list[int]], DraftStats]:
     """Greedy decoding of a (left-padded) batch with copy drafts, each row from its own input.
 
@@ -192,6 +241,8 @@ def copy_greedy_generate(
     leave the batch. A single unpadded row never has masked positions, so it runs without a
     mask. ``streamer`` receives the tokens of a single row. ``first_token_bias`` adds offsets to
     some tokens' logits at the first step only (as a logits processor would in ``generate``).
+    ``prefix``: when every row starts with it, its cached keys and values replace that part of
+    the prefill (the rows' padding then sits between prefix and row, masked out).
     """
     batch = input_ids.shape[0]
     if streamer is not None and batch != 1:
@@ -203,6 +254,11 @@ def copy_greedy_generate(
         _Row(CopyDrafter(ids[keep.bool()].tolist()), budget)
         for ids, keep, budget in zip(input_ids, mask, budgets)
     ]
+    cache_arg = _cache_argument(type(model))
+    split = None if prefix is None else prefix.split(input_ids, mask, pad_token_id)
+    prefill, cached = (input_ids, {}) if split is None else (split[0], {cache_arg: split[2]})
+    if split is not None:
+        mask = split[1]
     positions = mask.sum(1)  # each row's next position: its count of kept tokens
     ragged = not bool(mask.all())  # masked positions in the cache: pass mask and positions
     track = ragged or batch > 1  # a lone unpadded row never has masked positions to track
@@ -210,13 +266,13 @@ def copy_greedy_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     out = model(
-        input_ids=input_ids,
-        attention_mask=mask if ragged else attention_mask,
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0) if ragged else None,
+        input_ids=prefill,
+        attention_mask=mask if ragged else None,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, -prefill.shape[1] :] if ragged else None,
         use_cache=True,
         logits_to_keep=1,
+        **cached,
     )
-    cache_arg = _cache_argument(type(model))
     cache = getattr(out, cache_arg)  # the output names it as the forward does
     first = out.logits[:, -1]
     if first_token_bias:

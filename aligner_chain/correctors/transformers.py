@@ -19,7 +19,11 @@ from transformers import (
 
 from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
-from aligner_chain.correctors.copy_decoding import copy_greedy_generate, supports_copy_drafts
+from aligner_chain.correctors.copy_decoding import (
+    PromptPrefix,
+    copy_greedy_generate,
+    supports_copy_drafts,
+)
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, trim_stream
 from aligner_chain.errors import ConfigurationError, CorrectorError, ModelLoadError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
@@ -27,6 +31,9 @@ from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
 
 logger = logging.getLogger(__name__)
+
+MIN_PREFIX_TOKENS = 4
+"""A template head shorter than this is prefilled with each prompt (too little to save)."""
 
 
 class GenerationSettings(BaseModel):
@@ -41,7 +48,10 @@ class GenerationSettings(BaseModel):
     (:mod:`~aligner_chain.correctors.copy_decoding`), single answers and batches alike: the
     same tokens in fewer forward passes. It applies only to plain greedy decoding (no sampling,
     penalty or ``extra`` kwargs), and to models whose cache can be cut back (full attention,
-    decoder-only); the rest use ``generate``. ``None`` (default) turns it on for float32
+    decoder-only); the rest use ``generate``. This path also prefills the template's constant
+    head once per corrector and starts every prompt from its cached keys and values
+    (:class:`~aligner_chain.correctors.copy_decoding.PromptPrefix`). ``None`` (default) turns
+    it on for float32
     weights, where checking several tokens in one pass picks the same tokens; in half
     precision a near-tie can flip (as with any change of batch shape), so it takes ``True``
     there.
@@ -174,7 +184,16 @@ class TransformersCorrector(PromptPreparation, Corrector):
         if wanted is None:
             wanted = model.dtype == torch.float32
         self._copy_drafts = wanted and self.generation.plain_greedy and supports_copy_drafts(model)
+        self._prefix = self._template_head(model) if self._copy_drafts else None
         self.batcher = make_runner(self._correct_batch, batching)
+
+    def _template_head(self, model: Any) -> PromptPrefix | None:
+        """The template's constant head, cached once for copy-draft decoding: the tokens that
+        prompts with different questions share (less the last, which may merge with what
+        follows). Rows that do not start with them are prefilled whole."""
+        a, b = (self._encode(self.template.format(q, "A")) for q in ("Q", "?"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) - 1
+        return PromptPrefix.build(model, a[:n]) if n >= MIN_PREFIX_TOKENS else None
 
     # -- generation --------------------------------------------------------------------------
 
@@ -277,6 +296,7 @@ class TransformersCorrector(PromptPreparation, Corrector):
                     pad_token_id=self.loaded.tokenizer.pad_token_id,
                     streamer=streamer,
                     first_token_bias=self._first_token_bias,
+                    prefix=self._prefix,
                 )
                 return rows
             start = inputs["input_ids"].shape[1]
