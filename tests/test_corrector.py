@@ -177,20 +177,22 @@ def test_run_in_event_loop_threads(corrector) -> None:
 def test_a_correction_encodes_its_prompt_once(
     corrector: TransformersCorrector, monkeypatch
 ) -> None:
-    """Hot path: one tokenizer call measures the question and answer and encodes the prompt,
-    whose ids are then the model's input (no second encoding)."""
+    """Hot path: the question and answer are measured and the prompt encoded once, each text
+    by itself on the calling thread (a list call wakes the tokenizer's thread pool); the
+    prompt's ids are then the model's input (no second encoding)."""
     tok = corrector.loaded.tokenizer
-    calls: list[object] = []
+    calls: list[tuple[object, ...]] = []
     encode = type(tok).__call__
     monkeypatch.setattr(
         type(tok), "__call__", lambda self, *a, **k: calls.append(a) or encode(self, *a, **k)
     )
-    prepared = corrector._prepare(PAIRS[2])
-    assert len(calls) == 1
+    pair = PAIRS[2]
+    prepared = corrector._prepare(pair)
+    assert calls == [(pair.question,), (pair.answer,), (prepared.prompt,)]
     assert prepared.ids == encode(tok, prepared.prompt, split_special_tokens=True)["input_ids"]
     calls.clear()
-    corrector.correct([PAIRS[2]])
-    assert len(calls) == 1
+    corrector.correct([pair])
+    assert calls == [(pair.question,), (pair.answer,), (prepared.prompt,)]
 
 
 @pytest.fixture(scope="module")
