@@ -125,9 +125,16 @@ class Timings:
     cpu: dict[str, list[float]]
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], runs: int, calls: int = 1) -> Timings:
+def interleaved(
+    variants: dict[str, Callable[[], Any]],
+    runs: int,
+    calls: int = 1,
+    before: Callable[[], Any] | None = None,
+) -> Timings:
     """Time ``calls`` calls of each variant per run, taking turns call by call (the order
-    alternates), so a load spike hits every variant; medians per call drop stretched calls."""
+    alternates), so a load spike hits every variant; medians per call drop stretched calls.
+    ``before`` runs (untimed) before every call: :func:`forget` for correctors that remember
+    their corrections, so that a repeated input is not decoded from its own earlier output."""
     names = list(variants)
     for fn in variants.values():  # warm-up: lazy imports, caches, thread start
         fn()
@@ -137,6 +144,8 @@ def interleaved(variants: dict[str, Callable[[], Any]], runs: int, calls: int = 
         cpu: dict[str, list[float]] = {n: [] for n in names}
         for c in range(calls):
             for name in names if (r + c) % 2 == 0 else reversed(names):
+                if before is not None:
+                    before()
                 w, t = time.perf_counter(), time.process_time()
                 variants[name]()
                 cpu[name].append(time.process_time() - t)
@@ -145,6 +154,18 @@ def interleaved(variants: dict[str, Callable[[], Any]], runs: int, calls: int = 
             timings.wall[name].append(statistics.median(wall[name]))
             timings.cpu[name].append(statistics.median(cpu[name]))
     return timings
+
+
+def forget(*correctors: Any) -> Callable[[], None]:
+    """A ``before`` hook for :func:`interleaved`: the correctors' draft memories are emptied, so
+    every timed call starts as the first call on its inputs would (the scripts repeat the same
+    inputs, which a memory would otherwise recall whole)."""
+
+    def hook() -> None:
+        for corrector in correctors:
+            corrector.forget()
+
+    return hook
 
 
 def median(values: list[float]) -> float:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from _bench import (
     add_workload,
+    forget,
     interleaved,
     median,
     model_path,
@@ -64,7 +65,7 @@ def main() -> None:
     for name, r in runnables.items():
         variants[f"{name}_sequential"] = lambda r=r: [r.invoke(v) for v in values]
         variants[f"{name}_batch"] = lambda r=r: r.batch(values)
-    timings = interleaved(variants, args.runs)
+    timings = interleaved(variants, args.runs, before=forget(corrector))
     figures: dict[str, object] = {
         "answers": args.size,
         "identical_outputs": True,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from _bench import (
     add_workload,
+    forget,
     interleaved,
     median,
     model_path,
@@ -81,6 +82,7 @@ def main() -> None:
             "sequential_plain": lambda: asyncio.run(sequential(plain)),
         },
         args.runs,
+        before=forget(corrector),
     )
     figures: dict[str, object] = {
         "callers": args.callers,

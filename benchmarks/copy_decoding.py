@@ -26,6 +26,10 @@ Ablations, timed in the same turns: ``copy_no_backoff`` drafts at every step eve
 ``loop_no_drafts`` runs the copy-aware decoding loop with drafting disabled, which shows how
 much of a speed-up comes from the loop's lower per-step overhead rather than from drafts;
 ``hf_prompt_lookup`` is transformers' ``generate(prompt_lookup_num_tokens=10)``.
+``copy`` drafts from the input only (``draft_memory=0``: the runs repeat the same corrections,
+which a memory would recall whole); ``memory`` / ``memory_batch`` are the shipped default,
+their draft memory refilled before every call with the corrections of 64 *other* triples
+(``TransformersCorrector.remember``), as a deployment's memory holds other requests' output.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ SIZES = {
     "medium": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8},
 }
 TEMPLATE = "aligner-revision"  # the prompt the AlpacaEval Aligner-2B runs used
+MEMORY_OTHERS = 64  # other triples' corrections in the draft memory of the `memory` variants
 
 
 def load_triples(data_dir: Path) -> list[dict[str, str]]:
@@ -90,6 +95,7 @@ def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> typ
         scripts: ClassVar[list[list[int]]] = []
         prompt_lens: ClassVar[list[int]] = []
         rows: ClassVar[list[int]] = []
+        head: ClassVar[int] = 0  # prompt tokens already cached when a prefill starts
 
         def forward(self, input_ids: Any = None, position_ids: Any = None, **kwargs: Any) -> Any:
             # The cache arrives as ``cache`` (transformers 5.x) or ``past_key_values`` (4.x).
@@ -98,7 +104,7 @@ def build_replay_model(tokenizer: Any, size: str, out: Path, bias: float) -> typ
             if position_ids is None:
                 position_ids = torch.arange(past, past + input_ids.shape[1]).expand_as(input_ids)
             out = super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
-            if past == 0:
+            if past <= self.head:  # a prefill (after the template head's cached tokens)
                 ReplayLlama.rows = list(range(input_ids.shape[0]))
                 cache = getattr(out, "cache", None) or out.past_key_values  # 5.x or 4.x name
                 select = cache.batch_select_indices
@@ -195,7 +201,17 @@ def main() -> None:
         replay = build_replay_model(tokenizer, args.size, work, args.bias)
     path = str(args.model or work)
     cap = GenerationSettings(max_new_tokens_cap=args.max_new_tokens)
-    copying = TransformersCorrector(path, template=args.template, generation=cap, batching=False)
+    # Drafts from the input only: the runs repeat the same corrections, which a draft memory
+    # would recall whole. `remembering` has the memory, filled with *other* corrections.
+    copying = TransformersCorrector(
+        path,
+        template=args.template,
+        generation=cap.model_copy(update={"draft_memory": 0}),
+        batching=False,
+    )
+    remembering = TransformersCorrector(
+        path, template=args.template, generation=cap, batching=False
+    )
     plain = TransformersCorrector(
         path,
         template=args.template,
@@ -211,7 +227,10 @@ def main() -> None:
     tok = copying.loaded.tokenizer
     if replay is not None:
         model = replay.from_pretrained(work).eval()
-        copying.loaded = plain.loaded = lookup.loaded = replace(copying.loaded, model=model)
+        model.head = len(copying._prefix.ids) if copying._prefix is not None else 0
+        copying.loaded = plain.loaded = lookup.loaded = remembering.loaded = replace(
+            copying.loaded, model=model
+        )
     model = copying.loaded.model
 
     def ids(text: str) -> list[int]:
@@ -264,8 +283,16 @@ def main() -> None:
     }
     for name, chosen in subsets.items():
         items = [select(t) for t in chosen]
+        others = [t["output"] for t in rng.sample(triples, MEMORY_OTHERS) if t not in chosen]
+
+        def recall(others: list[str] = others) -> None:
+            remembering.forget()
+            remembering.remember(others)
+
         reference = run(plain, items)
         assert run(copying, items) == reference, f"{name}: outputs differ"
+        recall()
+        assert run(remembering, items) == reference, f"{name}: outputs differ (memory)"
         assert run_batch(copying, items) == run_batch(plain, items) == reference, name
         lookup_identical = run(lookup, items) == reference
         passes = tokens = drafted = accepted = 0
@@ -294,8 +321,11 @@ def main() -> None:
                 ),
                 "plain_batch": lambda i=items: run_batch(plain, i),
                 "copy_batch": lambda i=items: run_batch(copying, i),
+                "memory": lambda i=items: run(remembering, i),
+                "memory_batch": lambda i=items: run_batch(remembering, i),
             },
             args.runs,
+            before=recall,
         )
         times = timings.wall
         speedups = ratios(times["plain"], times["copy"])
@@ -325,6 +355,12 @@ def main() -> None:
             "batch_speedup": round(median(ratios(times["plain_batch"], times["copy_batch"])), 3),
             "batch_speedup_cpu_time": round(
                 median(ratios(timings.cpu["plain_batch"], timings.cpu["copy_batch"])), 3
+            ),
+            "speedup_with_memory_of_others": round(
+                median(ratios(times["plain"], times["memory"])), 3
+            ),
+            "batch_speedup_with_memory_of_others": round(
+                median(ratios(times["plain_batch"], times["memory_batch"])), 3
             ),
             "identical_outputs": True,
         }

@@ -28,6 +28,7 @@ from pathlib import Path
 from _bench import (
     HARMFUL,
     add_workload,
+    forget,
     interleaved,
     median,
     model_path,
@@ -100,6 +101,7 @@ def main() -> None:
         },
         args.runs,
         calls=args.calls,
+        before=forget(default),
     )
     figures: dict[str, object] = {
         "workload": {"name": args.workload, **found},

@@ -11,7 +11,9 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from aligner_chain import QAPair, TransformersCorrector
 from aligner_chain.correctors.copy_decoding import (
+    MAX_MEMORY_MATCH,
     CopyDrafter,
+    DraftMemory,
     PromptPrefix,
     copy_greedy_generate,
     supports_copy_drafts,
@@ -142,12 +144,12 @@ def test_unsupported_models_fall_back() -> None:
 def test_drafter_follows_the_original_in_order() -> None:
     # "a b" occurs twice; after copying up to the second one, drafts continue from there.
     drafter = CopyDrafter([1, 2, 3, 9, 1, 2, 4, 5, 1, 2])
-    draft, start = drafter.propose(2, stop=set())
+    draft, start, _ = drafter.propose(2, stop=set())
     assert (draft, start) == ([3, 9], 2)
     drafter.accepted(3, 1)  # copied source position 3; the next run starts at 4 or later
-    assert drafter.propose(3, stop=set()) == ([4, 5, 1], 6)
-    assert drafter.propose(3, stop={5}) == ([4], 6)
-    assert CopyDrafter([7, 8]).propose(4, stop=set()) == ([], 0)
+    assert drafter.propose(3, stop=set()) == ([4, 5, 1], 6, 2)
+    assert drafter.propose(3, stop={5}) == ([4], 6, 2)
+    assert CopyDrafter([7, 8]).propose(4, stop=set()) == ([], 0, 0)
 
 
 def test_half_precision_needs_opting_in(tiny_lm_path) -> None:
@@ -346,3 +348,51 @@ def test_unpadded_rows_that_accept_unevenly_mask_what_they_rejected(
     rows, stats = _batched_copy(copying, model, inputs, [80, 80])
     assert rows == _batched_reference(copying, model, inputs, [80, 80])
     assert stats.accepted >= 40 and stats.accepted < stats.drafted
+
+
+def test_draft_memory_proposes_the_latest_continuation_of_the_longest_match() -> None:
+    memory = DraftMemory(size=2)
+    memory.add([[1, 2, 3, 4, 0], [7], [5, 2, 3, 9, 8, 0]])  # [7] has nothing to continue from
+    strong = MAX_MEMORY_MATCH
+    assert memory.propose([2, 3], 4, {0}) == ([9, 8], 2, (1, 3))  # latest output with "2 3"
+    assert memory.propose([1, 2], 4, {0}) == ([3, 4], strong, (0, 2))  # an output's start
+    assert memory.propose([6], 4, set()) == ([], 0, (0, 0))
+    # Following an output: the row's last token goes on with it where the last draft ended.
+    assert memory.propose([6, 9], 2, set(), follow=(1, 3)) == ([8, 0], strong, (1, 4))
+    memory.add([[6, 6, 1], [6, 2, 2], [8, 8, 3]])  # at 2 * size outputs, the latest `size` stay
+    assert len(memory._state[0]) == 3
+    assert memory.propose([4, 2, 3], 4, set()) == ([], 0, (0, 0))  # forgotten
+    assert memory.propose([6, 2], 4, set())[:2] == ([2], strong)
+
+
+def test_remembered_corrections_decode_in_fewer_passes_with_the_same_tokens(
+    tiny_lm_path, monkeypatch
+) -> None:
+    """A repeat of an earlier correction drafts from the memory: far fewer forward passes, and
+    still exactly the tokens of plain greedy ``generate`` (single and batched)."""
+    settings = GenerationSettings(max_new_tokens_cap=48)
+    corrector = TransformersCorrector(str(tiny_lm_path), generation=settings, batching=False)
+    off = GenerationSettings(max_new_tokens_cap=48, draft_memory=0)
+    assert TransformersCorrector(str(tiny_lm_path), generation=off, batching=False)._memory is None
+    model = corrector.loaded.model
+    passes = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k)
+    )
+    inputs = corrector._inputs([corrector._prepare(p) for p in PAIRS])
+    first = corrector._generate(inputs, [48] * len(PAIRS))
+    cold, passes[:] = len(passes), []
+    again = corrector._generate(inputs, [48] * len(PAIRS))
+    warm = len(passes)
+    assert again == first == _batched_reference(corrector, model, inputs, [48] * len(PAIRS))
+    assert warm * 3 <= cold
+    corrector.forget()  # emptied: decoded as the first time
+    passes[:] = []
+    assert corrector._generate(inputs, [48] * len(PAIRS)) == first and len(passes) == cold
+    corrector.forget()
+    corrector.remember([corrector.loaded.tokenizer.decode(row) for row in first])
+    passes[:] = []
+    assert corrector._generate(inputs, [48] * len(PAIRS)) == first and len(passes) < cold
+    single = corrector._inputs([corrector._prepare(PAIRS[0])])
+    assert corrector._generate(single, [48]) == _batched_reference(corrector, model, single, [48])

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from bisect import bisect_right
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -36,6 +37,7 @@ MIN_DRAFT = 2  # draft length after a partial match, and the first one
 MAX_DRAFT = 32  # cap of the doubling while drafts are fully accepted
 MIN_USEFUL = 2  # accepted tokens below which a draft counts as a miss
 MAX_PAUSE = 64  # longest pause (in steps) after repeated misses
+MAX_MEMORY_MATCH = 16  # a row's first tokens that can match the start of a remembered output
 
 
 def supports_copy_drafts(model: Any) -> bool:
@@ -85,8 +87,9 @@ class CopyDrafter:
             for n in range(1, min(MAX_NGRAM, end) + 1):
                 self._index.setdefault(tuple(self.tokens[end - n :]), []).append(end)
 
-    def propose(self, limit: int, stop: Collection[int]) -> tuple[list[int], int]:
-        """Up to ``limit`` draft tokens (cut before any ``stop`` token) and where they start."""
+    def propose(self, limit: int, stop: Collection[int]) -> tuple[list[int], int, int]:
+        """Up to ``limit`` draft tokens (cut before any ``stop`` token), where they start, and
+        the length of the n-gram that matched."""
         end = len(self.tokens)
         for n in range(min(MAX_NGRAM, end - 1), 0, -1):
             ends = self._index.get(tuple(self.tokens[end - n :]))
@@ -96,14 +99,103 @@ class CopyDrafter:
             start = next((e for e in chain(ends[i:], ends[:i]) if e < end), None)
             if start is None:
                 continue
-            draft = self.tokens[start : start + limit]
-            cut = next((j for j, t in enumerate(draft) if t in stop), len(draft))
-            if cut:
-                return draft[:cut], start
-        return [], 0
+            draft = _cut(self.tokens[start : start + limit], stop)
+            if draft:
+                return draft, start, n
+        return [], 0, 0
 
     def accepted(self, start: int, count: int) -> None:
         self._cursor = start + count
+
+
+def _cut(draft: list[int], stop: Collection[int]) -> list[int]:
+    """``draft`` up to its first ``stop`` token."""
+    return draft[: next((j for j, t in enumerate(draft) if t in stop), len(draft))]
+
+
+_MemoryState = tuple[
+    list[list[int]],  # outputs
+    dict[tuple[int, ...], tuple[int, int]],  # n-gram -> (output, end) of its latest occurrence
+    dict[tuple[int, ...], int],  # an output's first tokens (up to MAX_MEMORY_MATCH) -> output
+]
+
+
+class DraftMemory:
+    """A corrector's recent outputs, indexed by their n-grams, as a second source of drafts.
+
+    A small Aligner writes the same refusals and boilerplate word for word, text that is not in
+    the answer it corrects. A row whose tokens so far are the start of a remembered output
+    drafts that output's continuation; otherwise a row whose own tokens give a shorter n-gram
+    match (or none) drafts what followed its last tokens in the latest output that has them.
+    Drafts are checked by the model like any other, so what is remembered never changes an
+    output, only how many forward passes it takes. Thread-safe; holds at most ``2 * size``
+    outputs.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # Replaced as one when trimmed, so that a reader never mixes two generations' parts.
+        self._state: _MemoryState = ([], {}, {})
+        self._lock = threading.Lock()
+
+    def add(self, outputs: Iterable[list[int]]) -> None:
+        with self._lock:
+            for output in outputs:
+                if len(output) < 2:  # nothing to continue from (e.g. a keep token)
+                    continue
+                if len(self._state[0]) >= 2 * self.size:
+                    state: _MemoryState = ([], {}, {})
+                    for old in self._state[0][-self.size :]:
+                        _insert(state, old)
+                    self._state = state
+                _insert(self._state, output)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state = ([], {}, {})
+
+    def propose(
+        self,
+        tail: Sequence[int],
+        limit: int,
+        stop: Collection[int],
+        follow: tuple[int, int] | None = None,
+    ) -> tuple[list[int], int, tuple[int, int]]:
+        """Up to ``limit`` draft tokens (cut before any ``stop`` token), the strength of the
+        match, and where the draft starts (output, position). Strongest
+        (:data:`MAX_MEMORY_MATCH`): ``tail`` goes on with the output at ``follow`` (where the
+        row's last accepted draft from here ended), or is the start of an output; else the
+        length of the longest n-gram ending ``tail`` in the latest output that has it."""
+        outputs, index, starts = self._state
+        candidates: list[tuple[int, int, int]] = []  # (output, start, strength)
+        if follow is not None and follow[0] < len(outputs):
+            k, pos = follow
+            if pos < len(outputs[k]) and outputs[k][pos] == tail[-1]:
+                candidates.append((k, pos + 1, MAX_MEMORY_MATCH))
+        k = starts.get(tuple(tail)) if len(tail) <= MAX_MEMORY_MATCH else None
+        if k is not None:
+            candidates.append((k, len(tail), MAX_MEMORY_MATCH))
+        for n in range(min(MAX_NGRAM, len(tail)), 0, -1):
+            hit = index.get(tuple(tail[-n:]))
+            if hit is not None:
+                candidates.append((hit[0], hit[1], n))
+        for k, start, strength in candidates:
+            if draft := _cut(outputs[k][start : start + limit], stop):
+                return draft, strength, (k, start)
+        return [], 0, (0, 0)
+
+
+def _insert(state: _MemoryState, output: list[int]) -> None:
+    """Append ``output`` and index it (the output before its index entries, so that a
+    concurrent reader finds every indexed output)."""
+    outputs, index, starts = state
+    k = len(outputs)
+    outputs.append(list(output))
+    for end in range(1, len(output)):  # the last token has no continuation
+        if end <= MAX_MEMORY_MATCH:
+            starts[tuple(output[:end])] = k
+        for n in range(1, min(MAX_NGRAM, end) + 1):
+            index[tuple(output[end - n : end])] = (k, end)
 
 
 @dataclass
@@ -112,7 +204,10 @@ class _Row:
 
     drafter: CopyDrafter
     budget: int
+    memory: DraftMemory | None = None
     new: list[int] = field(default_factory=list)
+    remembered: tuple[int, int] | None = None  # where the last accepted memory draft ended
+    from_memory: tuple[int, int] | None = None  # where this step's draft came from, if there
     width: int = MIN_DRAFT
     misses: int = 0
     pause: int = 0
@@ -125,14 +220,26 @@ class _Row:
         self.done = token in eos_ids or len(self.new) >= self.budget
 
     def propose(self, eos_ids: Collection[int]) -> tuple[list[int], int]:
-        """This step's draft (empty while paused, or with room for one token only)."""
+        """This step's draft and where in the row's tokens it starts (-1: from the memory);
+        empty while paused, or with room for one token only. The longer n-gram match wins, the
+        row's own tokens on a tie."""
         if self.pause:
             self.pause -= 1
             return [], 0
         left = self.budget - len(self.new)
         if left <= 1:  # the draft must leave room for the model's own next token
             return [], 0
-        return self.drafter.propose(min(self.width, left - 1), eos_ids)
+        limit = min(self.width, left - 1)
+        draft, start, matched = self.drafter.propose(limit, eos_ids)
+        self.from_memory = None
+        if self.memory is not None:
+            recalled, strength, source = self.memory.propose(
+                self.new, limit, eos_ids, self.remembered
+            )
+            if strength > matched:
+                self.from_memory = source
+                return recalled, -1
+        return draft, start
 
     def verify(self, draft: list[int], source: int, choice: list[int], stats: DraftStats) -> int:
         """Keep the draft's prefix that agrees with the model's ``choice`` at each position;
@@ -151,9 +258,13 @@ class _Row:
             self.width = (
                 min(2 * self.width, MAX_DRAFT) if n == len(draft) else max(MIN_DRAFT, n + 1)
             )
-            self.drafter.accepted(source, n)
+            if source >= 0:
+                self.drafter.accepted(source, n)
             self.new.extend(draft[:n])
             self.drafter.extend(draft[:n])
+        if self.from_memory is not None:
+            k, start = self.from_memory
+            self.remembered = (k, start + n) if n else None
         return n
 
 
@@ -227,6 +338,7 @@ def copy_greedy_generate(
     streamer: Any = None,
     first_token_bias: Mapping[int, float] | None = None,
     prefix: PromptPrefix | None = None,
+    memory: DraftMemory | None = None,
 ) -> tuple[list[list[int]], DraftStats]:
     """Greedy decoding of a (left-padded) batch with copy drafts, each row from its own input.
 
@@ -242,7 +354,8 @@ def copy_greedy_generate(
     mask. ``streamer`` receives the tokens of a single row. ``first_token_bias`` adds offsets to
     some tokens' logits at the first step only (as a logits processor would in ``generate``).
     ``prefix``: when every row starts with it, its cached keys and values replace that part of
-    the prefill (the rows' padding then sits between prefix and row, masked out).
+    the prefill (the rows' padding then sits between prefix and row, masked out). ``memory``
+    is a second source of drafts (:class:`DraftMemory`); the caller decides what goes into it.
     """
     batch = input_ids.shape[0]
     if streamer is not None and batch != 1:
@@ -251,7 +364,7 @@ def copy_greedy_generate(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else max_new_tokens
     rows = [
-        _Row(CopyDrafter(ids[keep.bool()].tolist()), budget)
+        _Row(CopyDrafter(ids[keep.bool()].tolist()), budget, memory)
         for ids, keep, budget in zip(input_ids, mask, budgets)
     ]
     cache_arg = _cache_argument(type(model))

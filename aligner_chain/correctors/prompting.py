@@ -86,8 +86,8 @@ class PromptPreparation:
         if not isinstance(pair.question, str) or not isinstance(pair.answer, str):
             raise InputError("question and answer must be strings")
         question, answer = pair.question, pair.answer
-        # One tokenizer call: the parts' lengths decide truncation, and the prompt's ids are the
-        # model's input unless truncation rebuilds it.
+        # The parts' lengths decide truncation, and the prompt's ids are the model's input
+        # unless truncation rebuilds it.
         prompt = self.template.format(question, answer, pair.context)
         q_ids, a_ids, ids = self._encode_all(question, answer, prompt)
         n_q, n_a = len(q_ids) if question else 0, len(a_ids) if answer else 0

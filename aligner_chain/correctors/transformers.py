@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,7 @@ from transformers import (
 from aligner_chain.batching import BatchingConfig, make_runner
 from aligner_chain.correctors.base import Corrector
 from aligner_chain.correctors.copy_decoding import (
+    DraftMemory,
     PromptPrefix,
     copy_greedy_generate,
     supports_copy_drafts,
@@ -69,6 +70,11 @@ class GenerationSettings(BaseModel):
     max_new_tokens_cap: int = Field(default=2048, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
     copy_drafts: bool | None = None
+    draft_memory: int = Field(default=64, ge=0)
+    """Recent corrections (token ids, in this process) that copy drafts may also draft from
+    (:class:`~aligner_chain.correctors.copy_decoding.DraftMemory`): repeated refusals and
+    boilerplate then decode in a few passes. They make a later correction faster, never
+    different; the timing does reveal that similar text was generated before. 0 turns it off."""
 
     @classmethod
     def preset(cls, name: Literal["greedy", "paper"]) -> GenerationSettings:
@@ -185,6 +191,8 @@ class TransformersCorrector(PromptPreparation, Corrector):
             wanted = model.dtype == torch.float32
         self._copy_drafts = wanted and self.generation.plain_greedy and supports_copy_drafts(model)
         self._prefix = self._template_head(model) if self._copy_drafts else None
+        size = self.generation.draft_memory
+        self._memory = DraftMemory(size) if self._copy_drafts and size else None
         self.batcher = make_runner(self._correct_batch, batching)
 
     def _template_head(self, model: Any) -> PromptPrefix | None:
@@ -229,6 +237,26 @@ class TransformersCorrector(PromptPreparation, Corrector):
                 [_FirstTokenBias(prompt_width, self._first_token_bias)]
             )
         return kwargs
+
+    def remember(self, texts: Iterable[str]) -> None:
+        """Add texts to the draft memory as if this corrector had generated them (e.g. the
+        refusals and boilerplate a deployment's corrections usually contain); a no-op when
+        the memory is off. Like anything remembered, they can only make decoding faster."""
+        if self._memory is None:
+            return
+        with self.loaded.lock:
+            tokenizer = self.loaded.tokenizer
+            rows = [
+                tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                for text in texts
+            ]
+        self._memory.add(rows)
+
+    def forget(self) -> None:
+        """Empty the draft memory (``GenerationSettings.draft_memory``): no later correction
+        drafts from what was generated before this call."""
+        if self._memory is not None:
+            self._memory.clear()
 
     def keep_margins(self, pairs: Sequence[QAPair]) -> list[float]:
         """For each pair, the keep token's logit minus the best other token's at the first step
@@ -297,7 +325,10 @@ class TransformersCorrector(PromptPreparation, Corrector):
                     streamer=streamer,
                     first_token_bias=self._first_token_bias,
                     prefix=self._prefix,
+                    memory=self._memory,
                 )
+                if self._memory is not None:
+                    self._memory.add(rows)
                 return rows
             start = inputs["input_ids"].shape[1]
             output = model.generate(
