@@ -294,6 +294,22 @@ def add_workload(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory",
+        choices=("cold", "warm"),
+        default="cold",
+        help="cold: empty the draft memory before every timed call (a first request); warm: keep "
+        "it across calls, as a running service does (it then holds these same inputs' "
+        "corrections, which is realistic for a model whose refusals repeat, optimistic otherwise)",
+    )
+
+
+def memory_hook(args: argparse.Namespace, *correctors: Any) -> Callable[[], None] | None:
+    """The ``before`` hook of :func:`interleaved` for ``--memory``."""
+    return forget(*correctors) if args.memory == "cold" else None
+
+
 def outcomes(corrector: Any, measured: list[Any]) -> dict[str, int | None]:
     """How ``corrector`` handles ``measured`` (one batch call): answers kept by a keep token
     (one generated token, the answer returned as is), rewritten (generated; the index of the

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from _bench import (
+    add_memory,
     add_workload,
-    forget,
     interleaved,
     median,
+    memory_hook,
     model_path,
     outcomes,
     parse,
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--size", type=int, default=16, help="answers per batch")
     add_workload(p)
+    add_memory(p)
     args = parse(p)
     started = time.time()
 
@@ -65,7 +67,7 @@ def main() -> None:
     for name, r in runnables.items():
         variants[f"{name}_sequential"] = lambda r=r: [r.invoke(v) for v in values]
         variants[f"{name}_batch"] = lambda r=r: r.batch(values)
-    timings = interleaved(variants, args.runs, before=forget(corrector))
+    timings = interleaved(variants, args.runs, before=memory_hook(args, corrector))
     figures: dict[str, object] = {
         "answers": args.size,
         "identical_outputs": True,
@@ -90,6 +92,7 @@ def main() -> None:
         "runs": args.runs,
         "threads": args.threads,
         "workload": args.workload,
+        "memory": args.memory,
     }
     write(args.out, figures, config, started)
 

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from _bench import (
+    add_memory,
     add_workload,
-    forget,
     interleaved,
     median,
+    memory_hook,
     model_path,
     outcomes,
     parse,
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--callers", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=None, help="default: BatchingConfig's")
     add_workload(p)
+    add_memory(p)
     args = parse(p)
     started = time.time()
 
@@ -82,7 +84,7 @@ def main() -> None:
             "sequential_plain": lambda: asyncio.run(sequential(plain)),
         },
         args.runs,
-        before=forget(corrector),
+        before=memory_hook(args, corrector),
     )
     figures: dict[str, object] = {
         "callers": args.callers,
@@ -107,6 +109,7 @@ def main() -> None:
         "threads": args.threads,
         "batching": batching.model_dump(),
         "workload": args.workload,
+        "memory": args.memory,
     }
     write(args.out, figures, config, started)
 

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from _bench import (
     HARMFUL,
+    add_memory,
     add_workload,
-    forget,
     interleaved,
     median,
+    memory_hook,
     model_path,
     outcomes,
     pairs,
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--calls", type=int, default=3, help="calls of each variant per run")
     add_workload(p)
+    add_memory(p)
     args = parse(p)
     started = time.time()
 
@@ -101,7 +103,7 @@ def main() -> None:
         },
         args.runs,
         calls=args.calls,
-        before=forget(default),
+        before=memory_hook(args, default),
     )
     figures: dict[str, object] = {
         "workload": {"name": args.workload, **found},
@@ -156,6 +158,7 @@ def main() -> None:
         "runs": args.runs,
         "calls": args.calls,
         "workload": args.workload,
+        "memory": args.memory,
     }
     write(args.out, figures, config, started)
 
