@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from aligner_chain import QAPair, TransformersCorrector
+from aligner_chain.correctors import copy_decoding
 from aligner_chain.correctors.copy_decoding import (
     MAX_MEMORY_MATCH,
     CopyDrafter,
@@ -284,7 +285,7 @@ def test_batched_tokens_equal_plain_batched_generate(
 
 
 def test_template_head_is_cached_once_and_skipped_when_a_row_lacks_it(
-    copying: TransformersCorrector,
+    copying: TransformersCorrector, monkeypatch
 ) -> None:
     prefix = copying._prefix
     assert prefix is not None and len(prefix.ids) >= MIN_PREFIX_TOKENS
@@ -298,6 +299,9 @@ def test_template_head_is_cached_once_and_skipped_when_a_row_lacks_it(
         and full.shape[1] == len(prefix.ids) + ids.shape[1]
     )
     assert full.sum(1).tolist() == mask.sum(1).tolist()  # every token kept, head once
+    monkeypatch.setattr(copy_decoding, "MAX_PREFIX_REST", ids.shape[1] - 1)
+    assert prefix.split(inputs["input_ids"], mask, 0) is None  # too long: prefilled whole
+    monkeypatch.undo()
     # A prompt that does not start with the head: the batch is prefilled whole, same tokens.
     odd = {k: v.clone() for k, v in inputs.items()}
     odd["input_ids"][0, -len(prepared[0].ids)] += 1
