@@ -118,7 +118,7 @@ class AlignedChatModel(BaseChatModel):
             "llm": dict(self.llm._identifying_params),
             "aligner": {
                 "classifier": getattr(aligner.classifier, "classifier_id", None),
-                "corrector": getattr(aligner.corrector, "model_id", None),
+                "corrector": getattr(aligner.corrector, "cache_identity", None),
                 "policy": aligner.policy.model_dump(mode="json"),
             },
         }

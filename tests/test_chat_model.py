@@ -394,3 +394,21 @@ def test_cache_key_covers_the_aligner() -> None:
     assert routed.invoke("How?").content == "[ALIGNED] RAW-cake instructions"
     assert routed.invoke("How?").content == "[ALIGNED] RAW-cake instructions"  # from the cache
     assert shadow.invoke("How?").content == RAW  # its own call, not the routed model's answer
+
+
+def test_cache_key_covers_the_correctors_settings(tiny_lm_path) -> None:
+    """Correctors of one model under other prompt or decoding settings get other cache keys;
+    the draft memory, which changes only the speed, does not."""
+
+    def key(**settings: Any) -> dict[str, Any]:
+        corrector = TransformersCorrector(str(tiny_lm_path), batching=False, **settings)
+        model = AlignedChatModel(
+            llm=scripted(RAW), aligner=AlignerRunnable(corrector=corrector, policy=RoutingPolicy())
+        )
+        return model._identifying_params["aligner"]["corrector"]
+
+    base = key()
+    assert base["model_id"] == str(tiny_lm_path) and base["keep_bias"] == 0.0
+    assert key(generation=GenerationSettings(draft_memory=0)) == base
+    assert key(generation="paper") != base
+    assert key(template="aligner-correction") != base

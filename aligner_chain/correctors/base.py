@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 from langchain_core.runnables.config import run_in_executor
 
@@ -19,6 +20,13 @@ class Corrector(PairBatchRunnable[Correction]):
     """
 
     model_id: str = "corrector"
+
+    @property
+    def cache_identity(self) -> dict[str, Any]:
+        """What decides the corrections besides the input: part of the cache key of
+        :class:`~aligner_chain.AlignedChatModel`, so that answers corrected under other
+        settings are never served from a shared cache."""
+        return {"model_id": self.model_id}
 
     @abstractmethod
     def correct(self, pairs: Sequence[QAPair]) -> list[Correction]:

@@ -50,7 +50,18 @@ class PromptPreparation:
     template: PromptTemplate
     generation: GenerationSettings
     context: int
+    model_id: str
     _overhead: int
+
+    @property
+    def cache_identity(self) -> dict[str, Any]:
+        """The model, the prompt and the decoding settings (the draft memory changes only the
+        speed, so it is left out)."""
+        return {
+            "model_id": self.model_id,
+            "template": self.template.text,
+            "generation": self.generation.model_dump(mode="json", exclude={"draft_memory"}),
+        }
 
     # -- prompt building ---------------------------------------------------------------------
 

@@ -252,6 +252,10 @@ class TransformersCorrector(PromptPreparation, Corrector):
             ]
         self._memory.add(rows)
 
+    @property
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity, "keep_bias": self.keep_bias}
+
     def forget(self) -> None:
         """Empty the draft memory (``GenerationSettings.draft_memory``): no later correction
         drafts from what was generated before this call."""
