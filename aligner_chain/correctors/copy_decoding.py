@@ -16,6 +16,11 @@ were chosen by replaying real Aligner-2B corrections (``benchmarks/copy_decoding
 A batch decodes in the same passes, each row drafting from its own input and accepting its own
 number of tokens: what a row rejected stays in the KV cache, masked out the way left padding
 is, so the batch needs no per-row cache surgery.
+
+Two more savings, exact in the same way: a :class:`DraftMemory` of the corrector's recent
+outputs is a second source of drafts (a small Aligner repeats its refusals word for word), and
+a :class:`PromptPrefix` holds the template head's keys and values, so prompts are prefilled
+from where the head ends.
 """
 
 from __future__ import annotations
