@@ -17,10 +17,11 @@ A batch decodes in the same passes, each row drafting from its own input and acc
 number of tokens: what a row rejected stays in the KV cache, masked out the way left padding
 is, so the batch needs no per-row cache surgery.
 
-Two more savings, exact in the same way: a :class:`DraftMemory` of the corrector's recent
-outputs is a second source of drafts (a small Aligner repeats its refusals word for word), and
-a :class:`PromptPrefix` holds the template head's keys and values, so prompts are prefilled
-from where the head ends.
+Two more savings: a :class:`DraftMemory` of the corrector's recent outputs is a second source
+of drafts (a small Aligner repeats its refusals word for word), exact in the same way; and a
+:class:`PromptPrefix` holds the template head's keys and values, so prompts are prefilled from
+where the head ends (the same computation in other shapes, so only float rounding can differ,
+as with any change of batch shape).
 """
 
 from __future__ import annotations
