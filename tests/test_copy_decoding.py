@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from aligner_chain import QAPair, TransformersCorrector
+from aligner_chain import InputError, QAPair, TransformersCorrector
 from aligner_chain.correctors import copy_decoding
 from aligner_chain.correctors.copy_decoding import (
     MAX_MEMORY_MATCH,
@@ -398,5 +398,7 @@ def test_remembered_corrections_decode_in_fewer_passes_with_the_same_tokens(
     corrector.remember([corrector.loaded.tokenizer.decode(row) for row in first])
     passes[:] = []
     assert corrector._generate(inputs, [48] * len(PAIRS)) == first and len(passes) < cold
+    with pytest.raises(InputError, match="strings"):
+        corrector.remember(["fine", b"bytes"])  # type: ignore[list-item]
     single = corrector._inputs([corrector._prepare(PAIRS[0])])
     assert corrector._generate(single, [48]) == _batched_reference(corrector, model, single, [48])

@@ -170,6 +170,11 @@ def test_tiny_training_run_produces_a_loadable_classifier(
     assert again["bands"] == config["bands"] and again["calibration"] == config["calibration"]
     assert again["metrics"]["minutes"] == 99.0
     assert main([*args, "--recalibrate", "--epochs", "3"]) == 2
+    # A folder without a trained classifier's config: a usage error, nothing written.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args[:-1], str(empty), "--recalibrate"]) == 2
+    assert not any(empty.iterdir())
 
 
 def test_training_rejects_a_folder_without_the_shared_data(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from aligner_chain.correctors.copy_decoding import (
     supports_copy_drafts,
 )
 from aligner_chain.correctors.prompting import PreparedPrompt, PromptPreparation, trim_stream
-from aligner_chain.errors import ConfigurationError, CorrectorError, ModelLoadError
+from aligner_chain.errors import ConfigurationError, CorrectorError, InputError, ModelLoadError
 from aligner_chain.loading import DeviceSpec, DtypeSpec, LoadedModel, load_pretrained
 from aligner_chain.templates import PromptTemplate
 from aligner_chain.types import Correction, QAPair
@@ -52,10 +52,9 @@ class GenerationSettings(BaseModel):
     decoder-only); the rest use ``generate``. This path also prefills the template's constant
     head once per corrector and starts every prompt from its cached keys and values
     (:class:`~aligner_chain.correctors.copy_decoding.PromptPrefix`). ``None`` (default) turns
-    it on for float32
-    weights, where checking several tokens in one pass picks the same tokens; in half
-    precision a near-tie can flip (as with any change of batch shape), so it takes ``True``
-    there.
+    it on for float32 weights, where checking several tokens in one pass picks the same
+    tokens; in half precision a near-tie can flip (as with any change of batch shape), so it
+    takes ``True`` there.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -242,6 +241,9 @@ class TransformersCorrector(PromptPreparation, Corrector):
         """Add texts to the draft memory as if this corrector had generated them (e.g. the
         refusals and boilerplate a deployment's corrections usually contain); a no-op when
         the memory is off. Like anything remembered, they can only make decoding faster."""
+        texts = list(texts)
+        if not all(isinstance(text, str) for text in texts):
+            raise InputError("remember() takes texts (strings)")
         if self._memory is None:
             return
         with self.loaded.lock:
@@ -278,7 +280,8 @@ class TransformersCorrector(PromptPreparation, Corrector):
                     .float()
                 )
                 keep = logits[:, self._keep_id]
-                others = logits.index_fill(1, torch.tensor([self._keep_id]), -math.inf)
+                keep_index = torch.tensor([self._keep_id], device=logits.device)
+                others = logits.index_fill(1, keep_index, -math.inf)
                 margins += (keep - others.max(-1).values).tolist()
         return margins
 

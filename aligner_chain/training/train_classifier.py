@@ -414,7 +414,10 @@ def run(
         },
     }
     save_classifier(out, model, config)
-    return _calibrate_and_evaluate(out, config, mix, base_model, started)
+    config = _calibrate_and_evaluate(out, config, mix, base_model)
+    config["metrics"]["minutes"] = round((time.monotonic() - started) / 60, 1)
+    write_classifier_config(out, config)
+    return config
 
 
 def recalibrate(data_dir: Path, out: Path, base_model: str | None = None) -> dict[str, Any]:
@@ -430,17 +433,18 @@ def recalibrate(data_dir: Path, out: Path, base_model: str | None = None) -> dic
         raise ConfigurationError(f"{path}: not the config of a trained classifier ({exc})") from exc
     settings.check()
     minutes = config.get("metrics", {}).get("minutes")
-    config = _calibrate_and_evaluate(out, config, _mix(data_dir, settings), base_model, None)
+    config = _calibrate_and_evaluate(out, config, _mix(data_dir, settings), base_model)
     config["metrics"]["minutes"] = minutes
     write_classifier_config(out, config)
     return config
 
 
 def _calibrate_and_evaluate(
-    out: Path, config: dict[str, Any], mix: Mix, base_model: str | None, started: float | None
+    out: Path, config: dict[str, Any], mix: Mix, base_model: str | None
 ) -> dict[str, Any]:
-    """Platt scaling and bands from the validation split, then the test-split report, all
-    written into the folder's config."""
+    """Platt scaling and bands from the validation split (written into the folder's config,
+    which the evaluation loads), then the test-split report in ``config["metrics"]``; the
+    caller adds the run time and writes the config."""
     cal = calibrate(EmbeddedClassifier(out, base_model=base_model, calibrated=False), mix)
     config.update(
         calibration={"harm": cal["harm"], "categories": cal["categories"]}, bands=cal["bands"]
@@ -453,7 +457,5 @@ def _calibrate_and_evaluate(
         "val_ece": cal["val_ece"],
         "val_ece_uncalibrated": cal["val_ece_uncalibrated"],
         "test": report,
-        "minutes": None if started is None else round((time.monotonic() - started) / 60, 1),
     }
-    write_classifier_config(out, config)
     return config
